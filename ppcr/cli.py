@@ -1,0 +1,50 @@
+"""The `ppcr` console script. Each sub-command lives in the module that implements it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module, help). The module provides `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("ppcr.data.synref", "generate a SynRef suite in the REFER layout"),
+    "convert-refs": ("ppcr.data.refer", "convert a REFER refs(<splitBy>).p pickle to JSON, safely"),
+    "train": ("ppcr.training.train", "train one variant at a profile"),
+    "evaluate": ("ppcr.training.evaluate", "evaluate a variant and write results.json"),
+    "predict": ("ppcr.training.predict", "segment one image from an expression and save an overlay"),
+    "bench": ("ppcr.bench", "measure throughput, latency and memory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppcr",
+        description="PPCR reproduction: data generation, training, evaluation and prediction.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:  # a stage not written yet: say so instead of crashing
+            if err.name and err.name.startswith("ppcr"):
+                p.set_defaults(_missing=f"`ppcr {name}` is not available in this version ({err.name} missing)")
+                continue
+            raise
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", None):
+        parser.error(args._missing)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

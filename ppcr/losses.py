@@ -1,0 +1,56 @@
+"""The training objective, Eq. 7:  L = l1 * L_BCE + l2 * L_Dice + l3 * L_l1(box) + l4 * L_CE.
+
+The paper's weights are (2, 0.5, 2, 0.5) and are configurable (`LossWeights`).
+
+Choice the paper leaves open (documented here and in the book): L_CE is the next-token cross-entropy on the
+answer text of each LLM pass ("Sure, it is [SEG]." for branch A, "Sure, the bounding box is [BOX]." for branch B),
+as LISA and GLaMM use; with both passes it is the mean of the two. Mask losses are computed per expression at the
+original image resolution and averaged over expressions; the box L1 is on normalised (x1, y1, x2, y2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ppcr.model.config import LossWeights
+
+
+def mask_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel sigmoid BCE of one mask. logits, target: (H, W)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def mask_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of one mask (LISA's smoothing, eps=1). logits, target: (H, W)."""
+    p = torch.sigmoid(logits.float()).flatten()
+    t = target.float().flatten()
+    return 1.0 - (2.0 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def box_l1(pred_norm: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of (B, 4) normalised boxes."""
+    return F.l1_loss(pred_norm.float(), target_norm.float())
+
+
+def total_loss(
+    weights: LossWeights,
+    mask_logits: list[torch.Tensor],
+    target_masks: list[torch.Tensor],
+    pred_boxes_norm: torch.Tensor | None,
+    target_boxes_norm: torch.Tensor | None,
+    ce_terms: list[torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Each term and the weighted total. A term absent for a variant (no box for `glamm`) is 0 and not weighted."""
+    if len(mask_logits) != len(target_masks):
+        raise ValueError(f"{len(mask_logits)} predicted masks for {len(target_masks)} targets")
+    for pred, tgt in zip(mask_logits, target_masks):
+        if pred.shape != tgt.shape:
+            raise ValueError(f"mask of the wrong size: predicted {tuple(pred.shape)}, target {tuple(tgt.shape)}")
+    device = mask_logits[0].device
+    bce = torch.stack([mask_bce(p, t) for p, t in zip(mask_logits, target_masks)]).mean()
+    dice = torch.stack([mask_dice(p, t) for p, t in zip(mask_logits, target_masks)]).mean()
+    l1 = box_l1(pred_boxes_norm, target_boxes_norm) if pred_boxes_norm is not None else torch.zeros((), device=device)
+    ce = torch.stack(ce_terms).mean() if ce_terms else torch.zeros((), device=device)
+    total = weights.bce * bce + weights.dice * dice + weights.l1 * l1 + weights.ce * ce
+    return {"total": total, "bce": bce, "dice": dice, "l1": l1, "ce": ce}

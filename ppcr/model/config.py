@@ -1,0 +1,280 @@
+"""Configuration of the PPCR model: one set of classes, three presets (`tiny`, `small`, `paper`).
+
+Every preset builds the *same* modules (transformers' LLaVA, peft's LoRA, segment-anything's SAM and the PPCR
+heads); only the sizes and the weight paths differ. `paper` is LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B) and
+SAM ViT-H; `small` is what the synthetic reproduction trains; `tiny` runs in seconds on a CPU for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants (Tables 2 and 3 of the paper). One switch each; everything else is shared.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a variant changes.
+
+    spatial_source: where branch B's prompt comes from: None (no spatial stage), "seg" (P_seg_txt alone, PPCR),
+        "re" (the raw expression), "re_seg" (both).
+    box_head: "mlp" (F_Map, Eq. 4) or "attn" (self-/cross-attention stack over visual features).
+    eval_box: which box SAM gets at evaluation: "none", "pred" or "gt" (the oracle).
+    """
+
+    name: str
+    spatial_source: str | None
+    box_head: str
+    eval_box: str
+
+    @property
+    def uses_spatial_stage(self) -> bool:
+        return self.spatial_source is not None
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "glamm": VariantSpec("glamm", None, "mlp", "none"),  # Table 2 "w/o Spatial SP"
+    "spatial_re": VariantSpec("spatial_re", "re", "mlp", "pred"),  # Table 2 "w/ Spatial SP (RE)"
+    "spatial_re_seg": VariantSpec("spatial_re_seg", "re_seg", "mlp", "pred"),  # "w/ Spatial SP (RE + P_seg_txt)"
+    "ppcr": VariantSpec("ppcr", "seg", "mlp", "pred"),  # the full model
+    "attn_box": VariantSpec("attn_box", "seg", "attn", "pred"),  # Table 3 "w/ Attn-based Box Prediction"
+    "gt_box_oracle": VariantSpec("gt_box_oracle", "seg", "mlp", "gt"),  # Table 3 "w/ GT Box (Oracle)"
+}
+
+
+def variant_spec(name: str) -> VariantSpec:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sub-configs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """CLIP vision tower (transformers' CLIPVisionConfig)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    projection_dim: int = 768
+
+    @property
+    def num_image_tokens(self) -> int:  # LLaVA "default" strategy drops CLS
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """LLaMA language model (transformers' LlamaConfig). vocab_size is set from the tokenizer."""
+
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    intermediate_size: int = 11008
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    vocab_size: int = 32064
+
+
+@dataclass
+class SamSettings:
+    """segment-anything's SAM (ImageEncoderViT, PromptEncoder, MaskDecoder + TwoWayTransformer)."""
+
+    img_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    mask_in_chans: int = 16
+    iou_head_hidden_dim: int = 256
+
+    @property
+    def embedding_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+@dataclass
+class LoraSettings:
+    """LoRA of both branches. The regex restricts LoRA to the *language model* (not CLIP's q/v projections)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str = r".*language_model.*\.(q_proj|v_proj)$"
+
+
+@dataclass
+class LossWeights:
+    """Eq. 7: L = bce * L_BCE + dice * L_Dice + l1 * L_l1(box) + ce * L_CE (the paper's lambda_1..4)."""
+
+    bce: float = 2.0
+    dice: float = 0.5
+    l1: float = 2.0
+    ce: float = 0.5
+
+
+# LLaVA-1.5's conversation template ("vicuna_v1").
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+@dataclass
+class PPCRConfig:
+    preset: str = "paper"
+    variant: str = "ppcr"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    sam: SamSettings = field(default_factory=SamSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    loss: LossWeights = field(default_factory=LossWeights)
+    # weights: local paths only (nothing here reaches a hub). None = build from config with random weights.
+    llava_path: str | None = None  # folder in the llava-hf/llava-1.5-7b-hf layout
+    sam_checkpoint: str | None = None  # sam_vit_h_4b8939.pth (loaded with weights_only=True) or .safetensors
+    tokenizer_path: str | None = None  # defaults to llava_path; small presets build their own tokenizer
+    vision_feature_layer: int = -2  # LLaVA-1.5 uses the penultimate CLIP layer
+    projector_hidden_act: str = "gelu"
+    system_prompt: str = LLAVA_SYSTEM_PROMPT
+    dtype: str = "bfloat16"  # of the MLLM; SAM's decoder and the PPCR heads run in float32
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+    box_head_hidden: int = 256  # F_Map: Linear-ReLU-Linear-ReLU-Linear(4)-sigmoid
+    attn_box_dim: int = 256
+    attn_box_layers: int = 3
+    attn_box_heads: int = 8
+    attn_box_queries: int = 4  # learned queries beside P_seg_box in the attention head
+    detach_box_for_sam: bool = False  # True: the mask loss does not flow into the box head through SAM
+    train_box_prompt: str = "pred"  # box SAM gets during training: "pred" (paper) or "gt" (teacher forcing)
+    eval_semantic_template: int = 0
+    eval_spatial_template: int = 0
+    seed: int = 0
+
+    # -- derived -------------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> VariantSpec:
+        return variant_spec(self.variant)
+
+    @property
+    def sam_prompt_dim(self) -> int:
+        return self.sam.prompt_embed_dim
+
+    # -- (de)serialisation ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PPCRConfig":
+        d = dict(d)
+        subs = {"vision": VisionConfig, "text": TextConfig, "sam": SamSettings, "lora": LoraSettings,
+                "loss": LossWeights}
+        for key, sub_cls in subs.items():
+            if key in d and isinstance(d[key], dict):
+                sub = dict(d[key])
+                if key == "sam" and "encoder_global_attn_indexes" in sub:
+                    sub["encoder_global_attn_indexes"] = tuple(sub["encoder_global_attn_indexes"])
+                d[key] = sub_cls(**sub)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown PPCRConfig keys: {sorted(unknown)}")
+        cfg = cls(**d)
+        variant_spec(cfg.variant)  # validate
+        return cfg
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> "PPCRConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "PPCRConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def paper_config(**overrides: Any) -> PPCRConfig:
+    """LLaVA-1.5-7B (CLIP ViT-L/14-336, 576 image tokens, Vicuna-7B) + SAM ViT-H, bf16, gradient checkpointing."""
+    return PPCRConfig(preset="paper", **overrides)
+
+
+def small_config(**overrides: Any) -> PPCRConfig:
+    """The model the synthetic (SynRef) reproduction trains: ~20M parameters."""
+    cfg = PPCRConfig(
+        preset="small",
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=4,
+                            num_attention_heads=4, intermediate_size=512, projection_dim=192),
+        text=TextConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=704, max_position_embeddings=512, vocab_size=0),
+        sam=SamSettings(img_size=256, patch_size=16, encoder_embed_dim=192, encoder_depth=4, encoder_num_heads=4,
+                        encoder_global_attn_indexes=(1, 3), window_size=8, prompt_embed_dim=128,
+                        decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=4, mask_in_chans=8,
+                        iou_head_hidden_dim=128),
+        lora=LoraSettings(),
+        system_prompt="",
+        dtype="float32",
+        gradient_checkpointing=False,
+        box_head_hidden=256,
+        attn_box_dim=128,
+        attn_box_layers=3,
+        attn_box_heads=4,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def tiny_config(**overrides: Any) -> PPCRConfig:
+    """Seconds on a CPU: for tests."""
+    cfg = PPCRConfig(
+        preset="tiny",
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, projection_dim=32),
+        text=TextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=128, max_position_embeddings=256, vocab_size=0),
+        sam=SamSettings(img_size=64, patch_size=8, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                        encoder_global_attn_indexes=(1,), window_size=4, prompt_embed_dim=32,
+                        decoder_depth=1, decoder_mlp_dim=64, decoder_num_heads=2, mask_in_chans=4,
+                        iou_head_hidden_dim=32),
+        lora=LoraSettings(),
+        system_prompt="",
+        dtype="float32",
+        gradient_checkpointing=False,
+        box_head_hidden=32,
+        attn_box_dim=32,
+        attn_box_layers=2,
+        attn_box_heads=2,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+PRESETS = {"paper": paper_config, "small": small_config, "tiny": tiny_config}
+
+
+def preset_config(name: str, **overrides: Any) -> PPCRConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,369 @@
+"""PPCR: Semantic Understanding -> Spatial Grounding -> Instance Segmentation (§3 of the paper).
+
+    image, expression
+      |  stage 1 (branch A, "semantic"):  LLaVA(image, semantic prompt) -> h[SEG] -> text_hidden_fcs -> P_seg_txt
+      |  stage 2 (branch B, "spatial"):   LLaVA(image, spatial prompt with P_seg_txt as a soft token) -> h[BOX]
+      |                                   = P_seg_box -> F_Map -> normalised box b~ -> pixels b^ (Eq. 4-5)
+      |  stage 3 (SAM):                   prompt encoder(b^) + [P_seg_txt] -> mask decoder -> mask (Eq. 6)
+
+Every variant of Tables 2-3 is a switch of `PPCRConfig.variant` (see `config.VARIANTS`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ppcr.losses import total_loss
+from ppcr.model import prompts
+from ppcr.model.config import PPCRConfig
+from ppcr.model.heads import AttentionBoxHead, MLPBoxHead, SegPromptHead, SoftTokenProjector, order_box
+from ppcr.model.mllm import MultimodalLLM, build_llava
+from ppcr.model.segmentation import SamSegmenter, build_sam
+from ppcr.model.tokenizer import build_word_tokenizer, encode_pass, load_tokenizer
+
+MIN_IMAGE_SIDE = 8
+MAX_IMAGE_SIDE = 10_000
+
+
+@dataclass
+class StageOutputs:
+    """Everything the three stages produce for a batch of B expressions."""
+
+    p_seg_txt: torch.Tensor  # (B, C) Semantic Segmentation Prompt
+    p_seg_box: torch.Tensor | None  # (B, d) Spatial Segmentation Prompt (None for `glamm`)
+    boxes_norm: torch.Tensor | None  # (B, 4) predicted, normalised to the original image, corner-ordered
+    boxes_raw: torch.Tensor | None  # (B, 4) the head's raw output (what L1 supervises)
+    sam_boxes: torch.Tensor | None  # (B, 4) the box SAM received, in original pixels
+    low_res_masks: torch.Tensor  # (B, 1, 4s, 4s) mask logits
+    iou_pred: torch.Tensor  # (B, 1) SAM's predicted IoU
+    ce_terms: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PPCROutput:
+    loss: torch.Tensor | None
+    losses: dict[str, torch.Tensor]
+    mask_logits: list[torch.Tensor]  # per expression, (H, W) at the original resolution
+    stages: StageOutputs
+
+
+def validate_image(image: Any) -> np.ndarray:
+    """A uint8 (H, W, 3) RGB array, or a clear error naming what is wrong."""
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
+        if image.mode not in ("RGB", "L", "RGBA", "P"):
+            raise ValueError(f"unsupported image mode {image.mode!r}; give an RGB image")
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"an image must be a numpy array or a PIL image, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"an image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"an image must be uint8, got {image.dtype}")
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
+        raise ValueError(f"unsupported image size {w}x{h}: sides must lie in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]")
+    return image
+
+
+class PPCRModel(nn.Module):
+    def __init__(self, config: PPCRConfig, tokenizer: PreTrainedTokenizerBase, mllm: MultimodalLLM,
+                 segmenter: SamSegmenter):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mllm = mllm
+        self.segmenter = segmenter
+        d, c = mllm.hidden_size, config.sam_prompt_dim
+        self.text_hidden_fcs = SegPromptHead(d, c)
+        self.seg_to_llm = SoftTokenProjector(c, d)
+        if config.spec.box_head == "attn":
+            self.box_head: nn.Module = AttentionBoxHead(d, config.attn_box_dim, config.attn_box_layers,
+                                                        config.attn_box_heads, config.attn_box_queries,
+                                                        config.vision.num_image_tokens)
+        else:
+            self.box_head = MLPBoxHead(d, config.box_head_hidden)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # construction
+    # ---------------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: PPCRConfig, tokenizer: PreTrainedTokenizerBase | None = None,
+              extra_words: Sequence[str] = ()) -> "PPCRModel":
+        """Build every module; weights from the config's local paths, or random (seeded) where none is given."""
+        if tokenizer is None:
+            tok_path = config.tokenizer_path or config.llava_path
+            tokenizer = load_tokenizer(tok_path) if tok_path else build_word_tokenizer(extra_words)
+        torch.manual_seed(config.seed)
+        llava = build_llava(config, tokenizer)
+        sam = build_sam(config.sam, config.sam_checkpoint)
+        model = cls(config, tokenizer, MultimodalLLM(llava, config, tokenizer), SamSegmenter(sam))
+        model.set_default_trainable()
+        return model
+
+    def set_default_trainable(self) -> None:
+        """Trainable: both LoRA branches, new-token rows, the heads, SAM's prompt encoder and mask decoder."""
+        self.requires_grad_(False)
+        for p in self.mllm.lora_parameters().values():
+            p.requires_grad_(True)
+        llava = self.mllm.llava
+        llava.get_input_embeddings().weight.requires_grad_(True)  # row-masked: only the new tokens move
+        llava.get_output_embeddings().weight.requires_grad_(True)
+        self.mllm.train_all_token_rows(False)
+        for module in (self.text_hidden_fcs, self.seg_to_llm, self.box_head, self.segmenter.sam.prompt_encoder,
+                       self.segmenter.sam.mask_decoder):
+            module.requires_grad_(True)
+
+    def image_prep(self):
+        from ppcr.data.transforms import ImagePrep
+
+        return ImagePrep(clip_size=self.config.vision.image_size, sam_size=self.config.sam.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_hidden_fcs[0].weight.device
+
+    # ---------------------------------------------------------------------------------------------------------
+    # the three stages
+    # ---------------------------------------------------------------------------------------------------------
+    def semantic_stage(self, image_features: torch.Tensor, expressions: Sequence[str],
+                       rng: random.Random | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Branch A: (B, N_img, d) features + expressions -> P_seg_txt (B, C) and the answer CE."""
+        cfg = self.config
+        ctx, ans = zip(*[
+            prompts.conversation(
+                prompts.fill(prompts.pick_template(prompts.SEMANTIC_TEMPLATES, rng, cfg.eval_semantic_template), e),
+                prompts.SEMANTIC_ANSWER, cfg.system_prompt)
+            for e in expressions
+        ])
+        enc = encode_pass(self.tokenizer, ctx, ans, prompts.SEG_TOKEN, image_features.shape[1]).to(self.device)
+        h_seg, ce = self.mllm.run_branch("semantic", enc, image_features, compute_ce=self.training)
+        return self.text_hidden_fcs(h_seg.float()), ce
+
+    def spatial_stage(self, image_features: torch.Tensor, expressions: Sequence[str], p_seg_txt: torch.Tensor,
+                      rng: random.Random | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Branch B: spatial prompt (with P_seg_txt as soft token) -> P_seg_box (B, d), raw box (B, 4), CE."""
+        cfg = self.config
+        source = cfg.spec.spatial_source
+        templates = prompts.spatial_templates(source)
+        ctx, ans = zip(*[
+            prompts.conversation(
+                prompts.fill(prompts.pick_template(templates, rng, cfg.eval_spatial_template), e),
+                prompts.SPATIAL_ANSWER, cfg.system_prompt)
+            for e in expressions
+        ])
+        enc = encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)
+        soft = None if source == "re" else self.seg_to_llm(p_seg_txt)
+        p_seg_box, ce = self.mllm.run_branch("spatial", enc, image_features, soft_tokens=soft,
+                                             compute_ce=self.training)
+        box_raw = self.box_head(p_seg_box.float(), image_features.float())
+        return p_seg_box, box_raw, ce
+
+    def box_prompt_mode(self) -> str:
+        if not self.config.spec.uses_spatial_stage:
+            return "none"
+        return self.config.train_box_prompt if self.training else self.config.spec.eval_box
+
+    def run_stages(
+        self,
+        image_features: torch.Tensor,
+        sam_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        expressions: Sequence[str],
+        original_sizes: Sequence[tuple[int, int]],
+        gt_boxes: torch.Tensor | None = None,
+        rng: random.Random | None = None,
+    ) -> StageOutputs:
+        """All three stages for B expressions on N distinct images.
+
+        image_features: (N, N_img, d) CLIP features per image; sam_embeddings: (N, C, s, s) SAM encoder output per
+        image; image_index: (B,) the image of each expression; gt_boxes: (B, 4) pixels (needed by the oracle and
+        by `train_box_prompt="gt"`).
+        """
+        if len(expressions) != image_index.shape[0]:
+            raise ValueError(f"{len(expressions)} expressions for {image_index.shape[0]} image indices")
+        expressions = [prompts.check_expression(e) for e in expressions]
+        feats = image_features[image_index]  # (B, N_img, d)
+        p_seg_txt, ce_sem = self.semantic_stage(feats, expressions, rng)
+        ce_terms = [ce_sem] if ce_sem is not None else []
+        p_seg_box = boxes_raw = boxes_norm = None
+        if self.config.spec.uses_spatial_stage:
+            p_seg_box, boxes_raw, ce_spa = self.spatial_stage(feats, expressions, p_seg_txt, rng)
+            boxes_norm = order_box(boxes_raw)
+            if ce_spa is not None:
+                ce_terms.append(ce_spa)
+
+        wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
+        mode = self.box_prompt_mode()
+        if mode == "pred":
+            sam_boxes = boxes_norm * wh  # Eq. 5
+            if self.config.detach_box_for_sam:
+                sam_boxes = sam_boxes.detach()
+        elif mode == "gt":
+            if gt_boxes is None:
+                raise ValueError(f"variant {self.config.variant!r} needs ground-truth boxes here")
+            sam_boxes = gt_boxes.to(self.device, torch.float32)
+        else:
+            sam_boxes = None
+        boxes_in = None if sam_boxes is None else self.segmenter.boxes_to_input_frame(sam_boxes, list(original_sizes))
+        low_res, iou = self.segmenter.decode(sam_embeddings, image_index, boxes_in, p_seg_txt)
+        return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms)
+
+    def full_resolution_masks(self, low_res: torch.Tensor, input_sizes: Sequence[tuple[int, int]],
+                              original_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """(B, 1, 4s, 4s) -> per expression (H, W) logits at the original size (grouped by size, not per sample)."""
+        out: list[torch.Tensor | None] = [None] * low_res.shape[0]
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(map(tuple, input_sizes), map(tuple, original_sizes))):
+            groups.setdefault(key, []).append(i)
+        for (inp, orig), idx in groups.items():
+            up = self.segmenter.upscale_masks(low_res[idx], inp, orig)[:, 0]  # (n, H, W)
+            for j, i in enumerate(idx):
+                out[i] = up[j]
+        return out  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------------------------
+    # batches from ppcr.data (training / evaluation)
+    # ---------------------------------------------------------------------------------------------------------
+    def encode_batch_images(
+        self, batch: dict[str, Any], sam_cache: MutableMapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CLIP features and SAM embeddings once per *distinct* image of the batch (keyed by `image_key`).
+
+        Returns image_features (N, N_img, d), sam_embeddings (N, C, s, s), image_index (B,).
+        """
+        keys = list(batch["image_key"])
+        unique: dict[str, int] = {}
+        for k in keys:
+            unique.setdefault(k, len(unique))
+        first = [keys.index(k) for k in unique]
+        image_index = torch.tensor([unique[k] for k in keys], dtype=torch.long, device=self.device)
+        clip = batch["clip_pixel_values"][first].to(self.device)
+        image_features = self.mllm.image_features(clip)
+        sam_emb: list[torch.Tensor | None] = [sam_cache.get(k) if sam_cache is not None else None for k in unique]
+        todo = [i for i, e in enumerate(sam_emb) if e is None]
+        if todo:
+            pixels = batch["sam_pixel_values"][[first[i] for i in todo]].to(self.device)
+            fresh = self.segmenter.encode_images(pixels)
+            for j, i in enumerate(todo):
+                sam_emb[i] = fresh[j]
+                if sam_cache is not None:
+                    sam_cache[list(unique)[i]] = fresh[j].detach()
+        sam_embeddings = torch.stack([e.to(self.device) for e in sam_emb])  # type: ignore[union-attr]
+        return image_features, sam_embeddings, image_index
+
+    def forward(self, batch: dict[str, Any], rng: random.Random | None = None,
+                sam_cache: MutableMapping[str, torch.Tensor] | None = None,
+                compute_loss: bool = True) -> PPCROutput:
+        """A collated batch of `ppcr.data.dataset.ReferSegDataset` items -> masks, boxes and the Eq. 7 losses."""
+        image_features, sam_embeddings, image_index = self.encode_batch_images(batch, sam_cache)
+        original_sizes = [tuple(s) for s in batch["original_size"]]
+        gt_boxes = _stack_boxes(batch["box"]).to(self.device) if "box" in batch else None
+        stages = self.run_stages(image_features, sam_embeddings, image_index, batch["expression"], original_sizes,
+                                 gt_boxes=gt_boxes, rng=rng)
+        masks = self.full_resolution_masks(stages.low_res_masks, batch["sam_input_size"], original_sizes)
+        losses: dict[str, torch.Tensor] = {}
+        loss = None
+        if compute_loss and "mask" in batch:
+            targets = [m.to(self.device) for m in batch["mask"]]
+            target_norm = None
+            if stages.boxes_raw is not None:
+                wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
+                target_norm = gt_boxes / wh
+            losses = total_loss(self.config.loss, masks, targets, stages.boxes_raw, target_norm, stages.ce_terms)
+            loss = losses["total"]
+        return PPCROutput(loss, losses, masks, stages)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # inference on raw images
+    # ---------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Any,
+        expressions: str | Sequence[str] | Sequence[Sequence[str]],
+        boxes: Sequence[Sequence[float]] | None = None,
+        batch_size: int = 16,
+    ) -> list[dict[str, Any]]:
+        """Segment the object each expression names.
+
+        images: one image or a list (uint8 (H, W, 3) arrays or PIL images). expressions: one str per image, or a
+        list of strings per image (an image's SAM and CLIP encodings are computed once and reused by all of its
+        expressions). boxes: ground-truth pixel boxes per expression, only for `gt_box_oracle`.
+        Returns one dict per expression, in order: mask (bool H x W), box (pixel xyxy or None), score (SAM's
+        predicted IoU), p_seg_txt, p_seg_box, box_norm, image_index, expression.
+        """
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        if isinstance(expressions, str):
+            expressions = [expressions]
+        if single and all(isinstance(e, str) for e in expressions):
+            groups = [list(expressions)]
+        elif len(expressions) == len(images):
+            groups = [[e] if isinstance(e, str) else list(e) for e in expressions]
+        else:
+            raise ValueError(f"{len(expressions)} expression groups for {len(images)} images")
+        arrays = [validate_image(im) for im in images]
+        flat = [(i, prompts.check_expression(e)) for i, g in enumerate(groups) for e in g]
+        if not flat:
+            raise ValueError("no expressions given")
+        if boxes is not None and len(boxes) != len(flat):
+            raise ValueError(f"{len(boxes)} boxes for {len(flat)} expressions")
+
+        was_training = self.training
+        self.eval()
+        prep = self.image_prep()
+        clip = torch.stack([prep.clip(a) for a in arrays]).to(self.device)
+        sam_in = [prep.sam(a) for a in arrays]
+        image_features = self.mllm.image_features(clip)
+        sam_embeddings = self.segmenter.encode_images(torch.stack([s[0] for s in sam_in]).to(self.device))
+        original = [a.shape[:2] for a in arrays]
+
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start:start + batch_size]
+            index = torch.tensor([i for i, _ in chunk], device=self.device)
+            sizes = [original[i] for i, _ in chunk]
+            gt = None if boxes is None else torch.tensor(boxes[start:start + batch_size], dtype=torch.float32)
+            st = self.run_stages(image_features, sam_embeddings, index, [e for _, e in chunk], sizes, gt_boxes=gt)
+            masks = self.full_resolution_masks(st.low_res_masks, [sam_in[i][1] for i, _ in chunk], sizes)
+            for j, (i, expr) in enumerate(chunk):
+                results.append({
+                    "image_index": i,
+                    "expression": expr,
+                    "mask": (masks[j] > 0).cpu().numpy(),
+                    "box": None if st.sam_boxes is None else st.sam_boxes[j].cpu().numpy(),
+                    "box_norm": None if st.boxes_norm is None else st.boxes_norm[j].cpu().numpy(),
+                    "score": float(st.iou_pred[j, 0]),
+                    "p_seg_txt": st.p_seg_txt[j].float().cpu().numpy(),
+                    "p_seg_box": None if st.p_seg_box is None else st.p_seg_box[j].float().cpu().numpy(),
+                })
+        self.train(was_training)
+        return results
+
+    # ---------------------------------------------------------------------------------------------------------
+    # persistence (see ppcr.model.persistence)
+    # ---------------------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        from ppcr.model.persistence import save_model
+
+        save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, **config_overrides: Any) -> "PPCRModel":
+        from ppcr.model.persistence import load_model
+
+        return load_model(directory, **config_overrides)
+
+
+def _stack_boxes(boxes: Any) -> torch.Tensor:
+    if isinstance(boxes, torch.Tensor):
+        return boxes.float().reshape(-1, 4)
+    return torch.stack([torch.as_tensor(b, dtype=torch.float32) for b in boxes])

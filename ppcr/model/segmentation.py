@@ -1,0 +1,163 @@
+"""Stage 3, Instance Segmentation: segment-anything's SAM prompted by the box and the Semantic SP.
+
+The image encoder is frozen (its embeddings can be cached per image); the prompt encoder embeds the box, the
+Semantic Segmentation Prompt P_seg_txt is appended as one more sparse prompt embedding (as LISA/GLaMM feed their
+`[SEG]` embedding), and the mask decoder predicts one mask per expression.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+from ppcr.model.config import SamSettings
+
+
+def build_sam(settings: SamSettings, checkpoint: str | Path | None = None) -> Sam:
+    """SAM from segment-anything's modules at the given size; official ViT-H weights load without unpickling code."""
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=settings.encoder_depth,
+            embed_dim=settings.encoder_embed_dim,
+            img_size=settings.img_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=settings.encoder_num_heads,
+            patch_size=settings.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(settings.encoder_global_attn_indexes),
+            window_size=settings.window_size,
+            out_chans=settings.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=settings.prompt_embed_dim,
+            image_embedding_size=(settings.embedding_size, settings.embedding_size),
+            input_image_size=(settings.img_size, settings.img_size),
+            mask_in_chans=settings.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=settings.decoder_depth,
+                embedding_dim=settings.prompt_embed_dim,
+                mlp_dim=settings.decoder_mlp_dim,
+                num_heads=settings.decoder_num_heads,
+            ),
+            transformer_dim=settings.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=settings.iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    if checkpoint is not None:
+        sam.load_state_dict(load_sam_state_dict(checkpoint))
+    return sam
+
+
+def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read SAM weights: `.safetensors`, or the official `.pth` with `weights_only=True` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint not found: {path}. Give the official sam_vit_h_4b8939.pth (or a .safetensors "
+            f"state dict); nothing can be downloaded here."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class SamSegmenter(nn.Module):
+    """SAM with PPCR's prompts. `encode_images` is frozen; `decode` is batched over expressions."""
+
+    def __init__(self, sam: Sam):
+        super().__init__()
+        self.sam = sam
+        self.sam.image_encoder.requires_grad_(False)
+
+    @property
+    def img_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    @torch.no_grad()
+    def encode_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised, padded images -> (N, C, s, s) embeddings of the frozen encoder."""
+        encoder = self.sam.image_encoder
+        was_training = encoder.training
+        encoder.eval()
+        out = encoder(sam_pixel_values)
+        encoder.train(was_training)
+        return out
+
+    def boxes_to_input_frame(self, boxes_xyxy: torch.Tensor, original_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """(B, 4) pixel boxes of the original images -> SAM's resized input frame (differentiable)."""
+        # Same arithmetic as ResizeLongestSide.apply_boxes_torch (new/old per axis), batched over images.
+        factors = []
+        for h, w in original_sizes:
+            nh, nw = ResizeLongestSide.get_preprocess_shape(h, w, self.img_size)
+            factors.append([nw / w, nh / h, nw / w, nh / h])
+        return boxes_xyxy * torch.tensor(factors, dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)
+
+    def prompt_embeddings(
+        self, boxes_input_frame: torch.Tensor | None, p_seg_txt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse (B, n, C) = [box corners (2)] + [P_seg_txt (1)]; dense (B, C, s, s) = SAM's no-mask embedding."""
+        pe = self.sam.prompt_encoder
+        sparse = p_seg_txt.unsqueeze(1)  # (B, 1, C)
+        if boxes_input_frame is not None:
+            sparse = torch.cat([pe._embed_boxes(boxes_input_frame), sparse], dim=1)  # (B, 3, C)
+        b = p_seg_txt.shape[0]
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *pe.image_embedding_size)
+        return sparse, dense
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        boxes_input_frame: torch.Tensor | None,
+        p_seg_txt: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution mask logits (B, 1, 4s, 4s) and predicted IoU (B, 1), one per expression.
+
+        image_embeddings: (N, C, s, s) one per distinct image; image_index: (B,) which image each expression is on.
+        Equivalent to calling `MaskDecoder.forward(..., multimask_output=False)` image by image (a test checks
+        it), but batched over all expressions of all images at once.
+        """
+        sparse, dense = self.prompt_embeddings(boxes_input_frame, p_seg_txt)
+        decoder = self.sam.mask_decoder
+        image_pe = self.sam.prompt_encoder.get_dense_pe()  # (1, C, s, s)
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        src = image_embeddings[image_index] + dense  # (B, C, s, s)
+        pos = image_pe.expand(src.shape[0], -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = decoder.transformer(src, pos, tokens)
+        mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4s, 4s)
+        hyper = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+        )
+        _, c8, uh, uw = upscaled.shape
+        masks = (hyper @ upscaled.reshape(b, c8, uh * uw)).reshape(b, -1, uh, uw)
+        iou = decoder.iou_prediction_head(hs[:, 0, :])
+        return masks[:, :1], iou[:, :1]  # the single-mask output (multimask_output=False)
+
+    def upscale_masks(
+        self, low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """(n, 1, 4s, 4s) logits of one image's expressions -> (n, 1, H, W) at the original resolution."""
+        return self.sam.postprocess_masks(low_res, input_size, original_size)
+
+    def masks_at_input_size(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 4s, 4s) -> (B, 1, S, S) logits in SAM's padded input frame."""
+        return F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
