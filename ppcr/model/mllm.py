@@ -55,16 +55,21 @@ def llava_config(config: PPCRConfig, tokenizer: PreTrainedTokenizerBase) -> Llav
     )
 
 
+def check_llava_path(llava_path: str | Path) -> Path:
+    path = Path(llava_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"LLaVA weights not found at {path} (expected a llava-hf/llava-1.5-7b-hf style folder with "
+            f"config.json and *.safetensors); nothing can be downloaded here."
+        )
+    return path
+
+
 def build_llava(config: PPCRConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
     """LLaVA from a local llava-hf folder (`config.llava_path`) or, without one, from the config (random weights)."""
     dtype = torch_dtype(config.dtype)
     if config.llava_path is not None:
-        path = Path(config.llava_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"LLaVA weights not found at {path} (expected a llava-hf/llava-1.5-7b-hf style folder with "
-                f"config.json and *.safetensors); nothing can be downloaded here."
-            )
+        path = check_llava_path(config.llava_path)
         llava = LlavaForConditionalGeneration.from_pretrained(
             str(path), dtype=dtype, local_files_only=True, attn_implementation=config.attn_implementation,
             use_safetensors=True,

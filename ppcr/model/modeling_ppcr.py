@@ -25,7 +25,7 @@ from ppcr.losses import total_loss
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
 from ppcr.model.heads import AttentionBoxHead, MLPBoxHead, SegPromptHead, SoftTokenProjector, order_box
-from ppcr.model.mllm import MultimodalLLM, build_llava
+from ppcr.model.mllm import MultimodalLLM, build_llava, check_llava_path
 from ppcr.model.segmentation import SamSegmenter, build_sam
 from ppcr.model.tokenizer import build_word_tokenizer, encode_pass, load_tokenizer
 
@@ -98,6 +98,8 @@ class PPCRModel(nn.Module):
     def build(cls, config: PPCRConfig, tokenizer: PreTrainedTokenizerBase | None = None,
               extra_words: Sequence[str] = ()) -> "PPCRModel":
         """Build every module; weights from the config's local paths, or random (seeded) where none is given."""
+        if config.llava_path is not None:
+            check_llava_path(config.llava_path)  # before the tokenizer, so the message names the weights
         if tokenizer is None:
             tok_path = config.tokenizer_path or config.llava_path
             tokenizer = load_tokenizer(tok_path) if tok_path else build_word_tokenizer(extra_words)
