@@ -51,7 +51,7 @@ from ppcr.data.synref_scene import SceneObjectSpec, encode_jpeg, place_objects, 
 
 __all__ = ["generate_suite", "resolve", "vocabulary", "add_arguments", "run", "SUITES", "GENERATOR_VERSION"]
 
-GENERATOR_VERSION = "synref-1.0"
+GENERATOR_VERSION = "synref-1.1"
 SUITES: tuple[str, ...] = ("synref", "synref+", "synrefg")
 SUITE_NUMBER: dict[str, int] = {s: i + 1 for i, s in enumerate(SUITES)}
 IMAGE_ID_STRIDE = 10_000_000  # image_id = suite number * stride + image index
@@ -81,9 +81,12 @@ class ImageTask(NamedTuple):
 # --------------------------------------------------------------------------- one image
 
 
-def _draw_split(rng: np.random.Generator, split_by: str) -> str:
+def _draw_split(rng: np.random.Generator, split_by: str, index: int) -> str:
+    """The split of image `index`: the first images cover every split (rarest first), so even a small suite has
+    all of them; the rest are drawn with the split proportions."""
     names, probs = zip(*SPLITS[split_by])
-    return names[int(rng.choice(len(names), p=np.asarray(probs)))]
+    drawn = names[int(rng.choice(len(names), p=np.asarray(probs)))]
+    return names[len(names) - 1 - index] if index < len(names) else drawn
 
 
 def _sentences(target: int, objs: Sequence[SceneObject], suite: str, rng: np.random.Generator,
@@ -133,7 +136,7 @@ def _annotation(obj: SceneObjectSpec, depth: int, image_id: int) -> dict[str, An
 def _make_image(task: ImageTask) -> dict[str, Any]:
     """Generate one image: JPEG bytes, COCO records and its refs (without global ids)."""
     rng = np.random.default_rng(np.random.SeedSequence([task.seed, SUITE_NUMBER[task.suite], task.index]))
-    splits = {sb: _draw_split(rng, sb) for sb in SPLIT_BYS[task.suite]}
+    splits = {sb: _draw_split(rng, sb, task.index) for sb in SPLIT_BYS[task.suite]}
     family = TEST_FAMILY.get(splits.get("unc", ""))
     blurred = bool(rng.random() < task.blur_fraction)
     low_contrast = bool(rng.random() < task.low_contrast_fraction)

@@ -85,6 +85,46 @@ def build_llava(config: PPCRConfig, tokenizer: PreTrainedTokenizerBase) -> Llava
     return llava
 
 
+def llava_image_features(llava: LlavaForConditionalGeneration, clip_pixel_values: torch.Tensor,
+                         vision_feature_layer: int) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, N_img, d): CLIP layer `vision_feature_layer` without CLS, through the projector."""
+    out = llava.model.get_image_features(
+        pixel_values=clip_pixel_values.to(llava.model.vision_tower.dtype), vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default", return_dict=True,
+    )
+    return torch.stack(list(out.pooler_output), dim=0)
+
+
+def multimodal_embeddings(
+    llava: LlavaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    image_features: torch.Tensor,
+    image_token_id: int,
+    soft_tokens: torch.Tensor | None = None,
+    soft_token_id: int | None = None,
+) -> torch.Tensor:
+    """Input embeddings (B, L, d) with image features (B, N_img, d) in the `<image>` slots and, when given, one
+    soft token (B, d) per row in the `soft_token_id` slot."""
+    embeds = llava.get_input_embeddings()(input_ids)  # (B, L, d)
+    image_slots = (input_ids == image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_slots, image_features.to(embeds.dtype))
+    if soft_tokens is not None:
+        soft_slots = input_ids == soft_token_id
+        if not bool((soft_slots.sum(dim=1) == 1).all()):
+            raise ValueError(f"every spatial prompt needs exactly one {prompts.PSEG_TOKEN} token")
+        embeds = embeds.masked_scatter(soft_slots.unsqueeze(-1), soft_tokens.to(embeds.dtype))
+    return embeds
+
+
+def answer_cross_entropy(llava: LlavaForConditionalGeneration, hidden: torch.Tensor,
+                         labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE on the labelled (answer) tokens only; the LM head runs on those positions alone."""
+    targets = labels[:, 1:]
+    answer = targets != -100
+    logits = llava.get_output_embeddings()(hidden[:, :-1][answer])  # (n_answer_tokens, V)
+    return F.cross_entropy(logits.float(), targets[answer])
+
+
 class MultimodalLLM(nn.Module):
     """LLaVA + LoRA branches "semantic" (A) and "spatial" (B); one forward pass per branch."""
 
@@ -148,13 +188,7 @@ class MultimodalLLM(nn.Module):
     @torch.no_grad()
     def image_features(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N_img, d) projected CLIP features (frozen tower and projector)."""
-        llava = self.llava
-        dtype = llava.model.vision_tower.dtype
-        out = llava.model.get_image_features(
-            pixel_values=clip_pixel_values.to(dtype), vision_feature_layer=self.vision_feature_layer,
-            vision_feature_select_strategy="default", return_dict=True,
-        )
-        return torch.stack(list(out.pooler_output), dim=0)
+        return llava_image_features(self.llava, clip_pixel_values, self.vision_feature_layer)
 
     def run_branch(
         self,
@@ -171,24 +205,12 @@ class MultimodalLLM(nn.Module):
         Returns the last-layer hidden state at the query position (B, d) and the answer's next-token CE.
         """
         self.use_branch(branch)
-        llava = self.llava
-        embeds = llava.get_input_embeddings()(encoded.input_ids)  # (B, L, d)
-        image_slots = (encoded.input_ids == self.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(image_slots, image_features.to(embeds.dtype))
-        if soft_tokens is not None:
-            soft_slots = encoded.input_ids == self.pseg_token_id
-            if not bool((soft_slots.sum(dim=1) == 1).all()):
-                raise ValueError(f"every spatial prompt needs exactly one {prompts.PSEG_TOKEN} token")
-            embeds = embeds.masked_scatter(soft_slots.unsqueeze(-1), soft_tokens.to(embeds.dtype))
-        hidden = llava.model.language_model(
+        embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features, self.image_token_id,
+                                       soft_tokens, self.pseg_token_id)
+        hidden = self.llava.model.language_model(
             inputs_embeds=embeds, attention_mask=encoded.attention_mask
         ).last_hidden_state  # (B, L, d)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         query = hidden[rows, encoded.query_index]  # (B, d)
-        ce = None
-        if compute_ce:
-            targets = encoded.labels[:, 1:]
-            answer = targets != -100
-            logits = llava.get_output_embeddings()(hidden[:, :-1][answer])  # (n_answer_tokens, V)
-            ce = F.cross_entropy(logits.float(), targets[answer])
+        ce = answer_cross_entropy(self.llava, hidden, encoded.labels) if compute_ce else None
         return query, ce

@@ -218,19 +218,6 @@ class PPCRModel(nn.Module):
         low_res, iou = self.segmenter.decode(sam_embeddings, image_index, boxes_in, p_seg_txt)
         return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms)
 
-    def full_resolution_masks(self, low_res: torch.Tensor, input_sizes: Sequence[tuple[int, int]],
-                              original_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        """(B, 1, 4s, 4s) -> per expression (H, W) logits at the original size (grouped by size, not per sample)."""
-        out: list[torch.Tensor | None] = [None] * low_res.shape[0]
-        groups: dict[tuple, list[int]] = {}
-        for i, key in enumerate(zip(map(tuple, input_sizes), map(tuple, original_sizes))):
-            groups.setdefault(key, []).append(i)
-        for (inp, orig), idx in groups.items():
-            up = self.segmenter.upscale_masks(low_res[idx], inp, orig)[:, 0]  # (n, H, W)
-            for j, i in enumerate(idx):
-                out[i] = up[j]
-        return out  # type: ignore[return-value]
-
     # ---------------------------------------------------------------------------------------------------------
     # batches from ppcr.data (training / evaluation)
     # ---------------------------------------------------------------------------------------------------------
@@ -270,7 +257,7 @@ class PPCRModel(nn.Module):
         gt_boxes = _stack_boxes(batch["box"]).to(self.device) if "box" in batch else None
         stages = self.run_stages(image_features, sam_embeddings, image_index, batch["expression"], original_sizes,
                                  gt_boxes=gt_boxes, rng=rng)
-        masks = self.full_resolution_masks(stages.low_res_masks, batch["sam_input_size"], original_sizes)
+        masks = self.segmenter.postprocess(stages.low_res_masks, batch["sam_input_size"], original_sizes)
         losses: dict[str, torch.Tensor] = {}
         loss = None
         if compute_loss and "mask" in batch:
@@ -335,7 +322,7 @@ class PPCRModel(nn.Module):
             sizes = [original[i] for i, _ in chunk]
             gt = None if boxes is None else torch.tensor(boxes[start:start + batch_size], dtype=torch.float32)
             st = self.run_stages(image_features, sam_embeddings, index, [e for _, e in chunk], sizes, gt_boxes=gt)
-            masks = self.full_resolution_masks(st.low_res_masks, [sam_in[i][1] for i, _ in chunk], sizes)
+            masks = self.segmenter.postprocess(st.low_res_masks, [sam_in[i][1] for i, _ in chunk], sizes)
             for j, (i, expr) in enumerate(chunk):
                 results.append({
                     "image_index": i,

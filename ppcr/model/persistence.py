@@ -81,16 +81,27 @@ def load_model(directory: str | Path, **config_overrides: Any) -> "PPCRModel":
     return model
 
 
-def load_weights_into(model: "PPCRModel", src: str | Path) -> None:
-    """Load a checkpoint folder's tensors into an already built model of the same architecture."""
+def load_weights_into(
+    model: "PPCRModel",
+    src: str | Path,
+    prefixes: tuple[str, ...] | None = None,
+    branches: tuple[str, ...] = ("semantic", "spatial"),
+) -> None:
+    """Load a checkpoint folder's tensors into an already built model of the same architecture.
+
+    prefixes: only tensors whose names start with one of these (plus the new-token rows); None = all.
+    branches: which LoRA adapters to load (the others keep their current weights).
+    """
     src = Path(src)
     own = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    if (src / "base.safetensors").is_file():
+    if prefixes is None and (src / "base.safetensors").is_file():
         tensors.update(load_file(str(src / "base.safetensors")))
     trainable = load_file(str(src / "trainable.safetensors"))
     embed_rows, head_rows = trainable.pop(EMBED_ROWS), trainable.pop(HEAD_ROWS)
     tensors.update(trainable)
+    if prefixes is not None:
+        tensors = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
     unexpected = [k for k in tensors if k not in own]
     if unexpected:
         raise ValueError(f"checkpoint {src} does not match this model; unexpected tensors: {unexpected[:5]}")
@@ -100,9 +111,9 @@ def load_weights_into(model: "PPCRModel", src: str | Path) -> None:
     with torch.no_grad():
         llava.get_input_embeddings().weight[rows] = embed_rows.to(llava.get_input_embeddings().weight)
         llava.get_output_embeddings().weight[rows] = head_rows.to(llava.get_output_embeddings().weight)
-    for branch in ("semantic", "spatial"):
+    for branch in branches:
         weights = load_peft_weights(str(src / "adapters" / branch), device="cpu")
         result = set_peft_model_state_dict(model.mllm.peft, weights, adapter_name=branch)
-        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if missing:
-            raise ValueError(f"adapter {branch!r} of {src} does not fit this model: {missing[:5]}")
+        bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if bad:
+            raise ValueError(f"adapter {branch!r} of {src} does not fit this model: {bad[:5]}")

@@ -8,6 +8,7 @@ Semantic Segmentation Prompt P_seg_txt is appended as one more sparse prompt emb
 from __future__ import annotations
 
 from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -99,14 +100,22 @@ class SamSegmenter(nn.Module):
         encoder.train(was_training)
         return out
 
-    def boxes_to_input_frame(self, boxes_xyxy: torch.Tensor, original_sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """(B, 4) pixel boxes of the original images -> SAM's resized input frame (differentiable)."""
-        # Same arithmetic as ResizeLongestSide.apply_boxes_torch (new/old per axis), batched over images.
+    def _frame_factors(self, original_sizes: Sequence[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+        """(B, 2) per-image (x, y) scale from original pixels to SAM's resized input frame, exactly as
+        ResizeLongestSide.apply_coords computes it (new/old per axis, with its rounding of the new size)."""
         factors = []
         for h, w in original_sizes:
             nh, nw = ResizeLongestSide.get_preprocess_shape(h, w, self.img_size)
-            factors.append([nw / w, nh / h, nw / w, nh / h])
-        return boxes_xyxy * torch.tensor(factors, dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)
+            factors.append([nw / w, nh / h])
+        return torch.tensor(factors, dtype=like.dtype, device=like.device)
+
+    def coords_to_input_frame(self, coords: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """(B, k, 2) pixel points (x, y) of the original images -> SAM's input frame (differentiable)."""
+        return coords * self._frame_factors(original_sizes, coords).unsqueeze(1)
+
+    def boxes_to_input_frame(self, boxes_xyxy: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """(B, 4) pixel boxes of the original images -> SAM's resized input frame (differentiable)."""
+        return boxes_xyxy * self._frame_factors(original_sizes, boxes_xyxy).repeat(1, 2)
 
     def prompt_embeddings(
         self, boxes_input_frame: torch.Tensor | None, p_seg_txt: torch.Tensor
@@ -127,13 +136,25 @@ class SamSegmenter(nn.Module):
         boxes_input_frame: torch.Tensor | None,
         p_seg_txt: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution mask logits (B, 1, 4s, 4s) and predicted IoU (B, 1), one per expression.
+        """PPCR's prompts -> low-resolution mask logits (B, 1, 4s, 4s) and predicted IoU (B, 1).
 
         image_embeddings: (N, C, s, s) one per distinct image; image_index: (B,) which image each expression is on.
+        """
+        sparse, dense = self.prompt_embeddings(boxes_input_frame, p_seg_txt)
+        return self.decode_prompts(image_embeddings, image_index, sparse, dense)
+
+    def decode_prompts(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's mask decoder on any sparse (B, n, C) / dense (B, C, s, s) prompts, single-mask output.
+
         Equivalent to calling `MaskDecoder.forward(..., multimask_output=False)` image by image (a test checks
         it), but batched over all expressions of all images at once.
         """
-        sparse, dense = self.prompt_embeddings(boxes_input_frame, p_seg_txt)
         decoder = self.sam.mask_decoder
         image_pe = self.sam.prompt_encoder.get_dense_pe()  # (1, C, s, s)
         tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -152,12 +173,16 @@ class SamSegmenter(nn.Module):
         iou = decoder.iou_prediction_head(hs[:, 0, :])
         return masks[:, :1], iou[:, :1]  # the single-mask output (multimask_output=False)
 
-    def upscale_masks(
-        self, low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
-    ) -> torch.Tensor:
-        """(n, 1, 4s, 4s) logits of one image's expressions -> (n, 1, H, W) at the original resolution."""
-        return self.sam.postprocess_masks(low_res, input_size, original_size)
-
-    def masks_at_input_size(self, low_res: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 4s, 4s) -> (B, 1, S, S) logits in SAM's padded input frame."""
-        return F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+    def postprocess(self, low_res: torch.Tensor, input_sizes: Sequence[tuple[int, int]],
+                    original_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """(B, 1, 4s, 4s) -> per expression (H, W) logits at its original size, via `Sam.postprocess_masks`
+        once per group of equal sizes (not once per expression)."""
+        out: list[torch.Tensor | None] = [None] * low_res.shape[0]
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(map(tuple, input_sizes), map(tuple, original_sizes))):
+            groups.setdefault(key, []).append(i)
+        for (inp, orig), idx in groups.items():
+            up = self.sam.postprocess_masks(low_res[idx], inp, orig)[:, 0]  # (n, H, W)
+            for j, i in enumerate(idx):
+                out[i] = up[j]
+        return out  # type: ignore[return-value]

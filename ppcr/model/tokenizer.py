@@ -92,7 +92,7 @@ def encode_pass(
     tokenizer: PreTrainedTokenizerBase,
     contexts: Sequence[str],
     answers: Sequence[str],
-    query_token: str,
+    query_token: str | None,
     num_image_tokens: int,
 ) -> EncodedPass:
     """Tokenise `context + answer + </s>` per sample, expand `<image>` to `num_image_tokens` copies, pad right.
@@ -101,7 +101,7 @@ def encode_pass(
     as LISA/GLaMM take the `[SEG]` hidden state.
     """
     image_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
-    query_id = tokenizer.convert_tokens_to_ids(query_token)
+    query_id = tokenizer.convert_tokens_to_ids(query_token) if query_token else None
     rows: list[list[int]] = []
     label_rows: list[list[int]] = []
     queries: list[int] = []
@@ -113,9 +113,12 @@ def encode_pass(
         at = ctx.index(image_id)
         ctx = ctx[:at] + [image_id] * num_image_tokens + ctx[at + 1:]
         ids = ctx + ans
-        if ans.count(query_id) != 1:
+        if query_id is None:  # no query token (plain captioning): the last context position
+            queries.append(len(ctx) - 1)
+        elif ans.count(query_id) != 1:
             raise ValueError(f"the answer must contain exactly one {query_token}: {answer!r}")
-        queries.append(len(ctx) + ans.index(query_id) - 1)
+        else:
+            queries.append(len(ctx) + ans.index(query_id) - 1)
         rows.append(ids)
         label_rows.append([-100] * len(ctx) + ans)
     length = max(len(r) for r in rows)

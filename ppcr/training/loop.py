@@ -1,0 +1,303 @@
+"""One training loop for every stage, on HF accelerate (CPU, one GPU, DDP, DeepSpeed ZeRO-2).
+
+- AdamW with a linear warm-up then linear decay to zero (DeepSpeed's WarmupDecayLR), gradient clipping.
+- Deterministic: the data order is a function of (seed, epoch) and the RNGs are re-seeded at every step from
+  (seed, step), so a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
+- Checkpoints every `checkpoint_every` steps and at the end, written atomically (a new folder swapped in by
+  rename); `resume=True` continues from the last one.
+- Logs every loss term and the learning rate to `log.csv` and TensorBoard; tqdm shows progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+# A hook for the resume test: stop the process hard right after this optimisation step (as a crash would).
+CRASH_ENV = "PPCR_CRASH_AFTER_STEP"
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    checkpoint_every: int = 200
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    deepspeed_config: str | None = None
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_losses: dict[str, float]
+    first_losses: dict[str, float]
+    samples_per_s: float
+    peak_memory_mb: float
+    wall_s: float
+    resumed_from: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def warmup_decay(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear 0 -> 1 over `warmup` steps, then linear 1 -> 0 at `total` (WarmupDecayLR)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for optimisation steps [start, total): epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, batch_size: int, total_batches: int, seed: int, start_batch: int = 0):
+        if n == 0:
+            raise ValueError("the training set is empty")
+        self.n, self.batch_size, self.total, self.seed, self.start = n, batch_size, total_batches, seed, start_batch
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def batch(self, index: int) -> list[int]:
+        out: list[int] = []
+        pos = index * self.batch_size
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(pos, self.n)
+            order = self._order(epoch)
+            take = min(self.batch_size - len(out), self.n - offset)
+            out.extend(order[offset:offset + take])
+            pos += take
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.start, self.total):
+            yield self.batch(b)
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _make_accelerator(cfg: LoopConfig):
+    from accelerate import Accelerator
+
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.grad_accum, "mixed_precision": cfg.mixed_precision,
+                              "cpu": _resolve_device(cfg.device) == "cpu"}
+    if cfg.deepspeed_config and torch.cuda.is_available():
+        from accelerate.utils import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed_config,
+                                                     gradient_clipping=cfg.grad_clip)
+    return Accelerator(**kwargs)
+
+
+class Checkpointer:
+    """`<out>/checkpoint/`: trainable weights (safetensors), optimizer/scheduler state, trainer_state.json."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = out_dir / "checkpoint"
+
+    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> None:
+        tmp = self.dir.with_name(f"checkpoint.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        old = self.dir.with_name("checkpoint.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)  # the swap: a crash leaves either the old or the new folder complete
+        shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        for d in (self.dir, self.dir.with_name("checkpoint.old")):
+            if (d / "trainer_state.json").is_file():
+                return d
+        return None
+
+    def load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+        src = self.latest()
+        if src is None:
+            return 0
+        weights = load_file(str(src / "trainable.safetensors"))
+        params = dict(module.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise ValueError(f"checkpoint {src} lacks trainable tensors {missing[:3]}: not from this stage")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        state = torch.load(src / "optim.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return int(json.loads((src / "trainer_state.json").read_text())["step"])
+
+
+StepFn = Callable[[nn.Module, dict[str, Any], random.Random], dict[str, torch.Tensor]]
+
+
+def train_loop(
+    module: nn.Module,
+    step_fn: StepFn,
+    dataset: Dataset,
+    collate: Callable[[list[Any]], Any],
+    cfg: LoopConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Train `module`'s trainable parameters for `cfg.steps` optimisation steps of `step_fn`'s "total" loss."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = _make_accelerator(cfg)
+    device = accelerator.device
+    module.to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_decay(s, cfg.warmup_steps, cfg.steps))
+    checkpointer = Checkpointer(out)
+    start = checkpointer.load(module, optimizer, scheduler) if resume else 0
+    if start >= cfg.steps:
+        raise ValueError(f"{out} already finished ({start} of {cfg.steps} steps); nothing to resume")
+
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.steps * cfg.grad_accum, cfg.seed,
+                               start_batch=start * cfg.grad_accum)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    (out / "loop_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    log_path = out / "log.csv"
+    history = _read_log(log_path, upto=start) if resume else []
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None)
+    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    model.train()
+    t0 = time.perf_counter()
+    samples = 0
+    step = start
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    micro = 0
+    for batch in loader:
+        seed = step_seed(cfg.seed, step * cfg.grad_accum + micro)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        with accelerator.accumulate(model):
+            losses = step_fn(model, batch, rng)
+            accelerator.backward(losses["total"])
+            if accelerator.sync_gradients and cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        samples += cfg.batch_size
+        micro += 1
+        if micro < cfg.grad_accum:
+            continue
+        micro = 0
+        step += 1
+        row = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: float(v.detach()) for k, v in losses.items()},
+               "samples_per_s": samples / max(1e-9, time.perf_counter() - t0)}
+        history.append(row)
+        for k, v in row.items():
+            if k != "step":
+                writer.add_scalar(f"{desc}/{k}", v, step)
+        bar.set_postfix(loss=f"{row['total']:.4f}", lr=f"{row['lr']:.2e}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _write_log(log_path, history)
+            if accelerator.is_main_process:
+                checkpointer.save(accelerator.unwrap_model(model), optimizer, scheduler, step)
+        if crash_at and step == crash_at:
+            _write_log(log_path, history)
+            os._exit(17)  # simulated crash (tests only)
+    bar.close()
+    writer.close()
+    wall = time.perf_counter() - t0
+    _write_log(log_path, history)
+    result = TrainResult(
+        out_dir=out, steps=step, history=history, resumed_from=start,
+        first_losses={k: v for k, v in history[0].items() if k not in ("step",)} if history else {},
+        final_losses={k: v for k, v in history[-1].items() if k not in ("step",)} if history else {},
+        samples_per_s=samples / max(wall, 1e-9), peak_memory_mb=peak_memory_mb(device), wall_s=wall,
+    )
+    summary = {k: v for k, v in asdict(result).items() if k not in ("history", "out_dir")}
+    summary["device"] = str(device)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if float(r["step"]) <= upto]
+
+
+def mean_loss(history: list[dict[str, float]], key: str = "total", first: bool = True, n: int = 3) -> float:
+    rows = history[:n] if first else history[-n:]
+    vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+    return sum(vals) / max(1, len(vals))

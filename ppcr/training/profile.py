@@ -1,0 +1,130 @@
+"""Profiles: YAML files shipped in `ppcr/training/profiles/` naming the data, the model preset, the recipe's stages
+and their hyper-parameters. `smoke` (seconds, tests), `demo` (CPU, the default of `make book`), `synthetic` (one GPU,
+the small-scale reproduction) and `paper` (LLaVA-1.5-7B + SAM ViT-H on RefCOCO/+/g from local paths).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ppcr.model.config import VARIANTS, PPCRConfig, preset_config
+
+PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper")
+
+
+@dataclass
+class DataSpec:
+    """One benchmark: a SynRef suite (generated) or a REFER dataset (read from `root`)."""
+
+    name: str  # synref | synref+ | synrefg | refcoco | refcoco+ | refcocog
+    split_by: str
+    eval_splits: list[str]
+    refs: int = 0  # SynRef only: refs to generate
+
+
+@dataclass
+class StageSpec:
+    steps: int = 0  # optimisation steps (or, when epochs > 0, computed from the data size)
+    epochs: float = 0.0
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    grad_accum: int = 1
+
+    def total_steps(self, n_samples: int) -> int:
+        if self.epochs > 0:
+            return max(1, int(self.epochs * n_samples // (self.batch_size * self.grad_accum)))
+        return self.steps
+
+
+@dataclass
+class Profile:
+    name: str
+    preset: str
+    model: dict[str, Any] = field(default_factory=dict)  # PPCRConfig overrides
+    data_kind: str = "synref"  # synref (generated here) | refer (local RefCOCO/+/g)
+    data_root: str | None = None  # refer: where the REFER layout lies; synref: None = <out>/data
+    image_size: int = 256
+    data_seed: int = 0
+    datasets: list[DataSpec] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    variants: list[str] = field(default_factory=lambda: ["glamm", "spatial_re", "spatial_re_seg", "ppcr",
+                                                         "attn_box"])
+    stages: dict[str, StageSpec] = field(default_factory=dict)  # sam_pretrain, mllm_pretrain, glamm, variants
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | bf16
+    deepspeed_config: str | None = None  # a ZeRO-2 JSON for the paper profile
+    checkpoint_every: int = 200
+    eval_max_expressions: int | None = None  # per split; None = every expression
+    eval_batch_size: int = 16
+    device: str = "auto"
+    num_workers: int = 0
+    source: str = ""  # where the profile was read from
+
+    # ------------------------------------------------------------------------------------------------------
+    def model_config(self, variant: str, seed: int) -> PPCRConfig:
+        return preset_config(self.preset, variant=variant, seed=seed, **self.model)
+
+    def stage(self, name: str) -> StageSpec:
+        if name not in self.stages:
+            raise KeyError(f"profile {self.name!r} has no stage {name!r} (it has {sorted(self.stages)})")
+        return self.stages[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A short hash of (parts of) the profile: stage outputs are cached under it."""
+        blob = json.dumps([p if not hasattr(p, "__dataclass_fields__") else _asdict(p) for p in parts],
+                          sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _asdict(obj: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _parse(raw: dict[str, Any], source: str) -> Profile:
+    raw = copy.deepcopy(raw)
+    raw["datasets"] = [DataSpec(**d) for d in raw.get("datasets", [])]
+    raw["stages"] = {k: StageSpec(**v) for k, v in raw.get("stages", {}).items()}
+    if "betas" in raw:
+        raw["betas"] = tuple(raw["betas"])
+    profile = Profile(**raw, source=source)
+    unknown = [v for v in profile.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"profile {profile.name}: unknown variants {unknown}")
+    preset_config(profile.preset, **profile.model)  # validates the overrides early
+    return profile
+
+
+def load_profile(name_or_path: str, overrides: dict[str, Any] | None = None) -> Profile:
+    """A shipped profile by name, or a YAML file by path; `overrides` replace top-level keys."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text, source = path.read_text(), str(path)
+    else:
+        if name_or_path not in PROFILE_NAMES:
+            raise ValueError(f"unknown profile {name_or_path!r}: choose one of {list(PROFILE_NAMES)} or a YAML path")
+        res = resources.files("ppcr.training") / "profiles" / f"{name_or_path}.yaml"
+        text, source = res.read_text(), f"ppcr/training/profiles/{name_or_path}.yaml"
+    raw = yaml.safe_load(text)
+    if overrides:
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+    return _parse(raw, source)
