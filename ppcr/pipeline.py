@@ -1,0 +1,112 @@
+"""The whole study at a profile: data -> every variant's stages -> evaluations -> (the book).
+
+    python -m ppcr.pipeline data  --profile demo --out runs/demo
+    python -m ppcr.pipeline study --profile demo --out runs/demo
+    python -m ppcr.pipeline book  --profile demo --out runs/demo      (what `make book` runs)
+
+`study` writes `<out>/results/<variant>/seed<k>.json` (one `ppcr evaluate` results file each) and
+`<out>/study.json`, an index of them with the wall time of every step, so every number in the book traces back to
+a file and the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ppcr.training.profile import Profile, load_profile
+
+
+def results_path(out: Path, variant: str, seed: int) -> Path:
+    return out / "results" / variant / f"seed{seed}.json"
+
+
+def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train (cached) and evaluate every variant of the profile for every seed; the oracle from `ppcr`."""
+    from ppcr.training.evaluate import evaluate_model, git_commit, load_for_evaluation
+    from ppcr.training.stages import data_root, prepare_data, sam_cache_for, stage_summaries, train_variant
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    prepare_data(profile, out, progress)
+    timings["data"] = time.perf_counter() - tic
+    evaluated = list(profile.variants) + (["gt_box_oracle"] if "ppcr" in profile.variants else [])
+    index: dict[str, dict[str, str]] = {}
+    for seed in profile.seeds:
+        for variant in evaluated:
+            tic = time.perf_counter()
+            ckpt = train_variant(profile, out, variant, seed, resume=resume, progress=progress)
+            timings[f"train/{variant}/seed{seed}"] = time.perf_counter() - tic
+            target = results_path(out, variant, seed)
+            tic = time.perf_counter()
+            if not _is_current(target, ckpt):
+                model = load_for_evaluation(ckpt, variant, profile.device)
+                evaluate_model(model, data_root(profile, out), profile.datasets, target,
+                               batch_size=profile.eval_batch_size, max_expressions=profile.eval_max_expressions,
+                               sam_cache=sam_cache_for(model, out), progress=progress,
+                               meta={"profile": profile.name, "checkpoint": str(ckpt)})
+            timings[f"evaluate/{variant}/seed{seed}"] = time.perf_counter() - tic
+            index.setdefault(variant, {})[str(seed)] = str(target.relative_to(out))
+    study = {
+        "profile": profile.name, "profile_source": profile.source, "preset": profile.preset,
+        "profile_config": profile.to_dict(), "git_commit": git_commit(), "seeds": profile.seeds,
+        "variants": evaluated, "results": index, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "wall_s": round(time.perf_counter() - t0, 2), "stages": stage_summaries(out),
+        "command": " ".join(sys.argv),
+    }
+    (out / "study.json").write_text(json.dumps(study, indent=2, default=str))
+    return study
+
+
+def _is_current(results: Path, checkpoint: Path) -> bool:
+    """A results file is reused when it was made from this checkpoint and is newer than it."""
+    if not results.is_file():
+        return False
+    meta = json.loads(results.read_text()).get("meta", {})
+    return meta.get("checkpoint") == str(checkpoint) and results.stat().st_mtime >= \
+        (checkpoint / "trainable.safetensors").stat().st_mtime
+
+
+def build_book(profile: Profile, out: Path, progress: bool = True) -> int:
+    try:
+        from ppcr.book import build  # noqa: F401  (the notebooks and the Jupyter Book)
+    except ModuleNotFoundError:
+        print(f"make book: the study at profile {profile.name!r} is done ({out}/study.json); the book stage "
+              f"(notebooks -> Jupyter Book) does not exist yet, so this is as far as `make book` goes.")
+        return 0
+    return build(profile, out, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ppcr.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("data", "study", "book"))
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--out", help="run folder (default runs/<profile>)")
+    parser.add_argument("--data-root")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    profile = load_profile(args.profile, {"data_root": args.data_root})
+    out = Path(args.out or f"runs/{profile.name}")
+    progress = not args.no_progress
+    if args.what == "data":
+        from ppcr.training.stages import prepare_data
+
+        print(prepare_data(profile, out, progress))
+        return 0
+    study = run_study(profile, out, progress=progress)
+    print(f"study at profile {profile.name}: {len(study['variants'])} variants x {len(profile.seeds)} seeds in "
+          f"{study['wall_s']:.0f} s -> {out}/study.json")
+    if args.what == "book":
+        return build_book(profile, out, progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
