@@ -40,6 +40,7 @@ from ppcr.training.cache import SamEmbeddingCache, module_fingerprint
 from ppcr.training.loop import LoopConfig, TrainResult, train_loop
 from ppcr.training.profile import Profile
 
+SAM_PRETRAIN_VERSION = 2  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
 BOX_BINS = 32  # stage 1 answers boxes as integers 0..31 of the image width/height
 PRETRAIN_WORDS = ["describe", "where", "it", "is", "a", "at", "."] + [str(i) for i in range(BOX_BINS)]
 
@@ -205,13 +206,14 @@ class SamPretrainer(nn.Module):
             true_iou = torch.stack([((p > 0) & (t > 0)).sum() / ((p > 0) | (t > 0)).sum().clamp(min=1)
                                     for p, t in zip(masks, targets)])
         iou_mse = torch.nn.functional.mse_loss(iou_pred[:, 0], true_iou.float())
-        return {"total": 2.0 * bce + 0.5 * dice + iou_mse, "bce": bce, "dice": dice, "iou_mse": iou_mse}
+        # Dice weighs as much as BCE here: SynRef objects are small, and BCE alone settles on "all background".
+        return {"total": bce + dice + iou_mse, "bce": bce, "dice": dice, "iou_mse": iou_mse}
 
 
 def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
     config = profile.model_config("glamm", seed)
     root = data_root(profile, out)
-    fp = profile.fingerprint("sam_pretrain", asdict(config.sam), profile.stage("sam_pretrain"), profile.datasets,
+    fp = profile.fingerprint("sam_pretrain", SAM_PRETRAIN_VERSION, asdict(config.sam), profile.stage("sam_pretrain"), profile.datasets,
                              profile.data_seed, profile.image_size, data_version(profile), seed)
     stage = _stage_dir(out, seed, "sam_pretrain", fp)
     weights = stage / "sam.safetensors"
@@ -380,9 +382,19 @@ def train_variant(profile: Profile, out: str | Path, variant: str, seed: int, re
         variant = "ppcr"
     prepare_data(profile, out, progress)
     weights = base_weights(profile, out, seed, resume, progress)
-    upstream = json.dumps([weights, data_version(profile), profile.datasets], sort_keys=True, default=str)
+    # fingerprints name upstream stages relative to the run folder, so a copied or moved run keeps its cache
+    local = {k: _relative(v, out) for k, v in weights.items()}
+    upstream = json.dumps([local, data_version(profile), profile.datasets], sort_keys=True, default=str)
     glamm = run_ris_stage(profile, out, "glamm", seed, "glamm", None, weights, upstream, resume, progress)
-    return run_ris_stage(profile, out, variant, seed, "variants", glamm, weights, str(glamm), resume, progress)
+    return run_ris_stage(profile, out, variant, seed, "variants", glamm, weights, _relative(glamm, out), resume,
+                         progress)
+
+
+def _relative(path: str | Path | None, out: Path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
 
 
 def stage_summaries(out: str | Path) -> list[dict[str, Any]]:
