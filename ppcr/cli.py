@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> (module, help). The module provides `add_arguments(parser)` and `run(args) -> int`.
@@ -43,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "_missing", None):
         parser.error(args._missing)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+        if os.environ.get("PPCR_DEBUG"):
+            raise
+        print(f"ppcr {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
