@@ -242,3 +242,36 @@ def test_config_json_round_trip(tmp_path):
     cfg = tiny_config(variant="attn_box")
     cfg.save_json(tmp_path / "c.json")
     assert PPCRConfig.load_json(tmp_path / "c.json") == cfg
+
+
+def test_loads_llava_and_tokenizer_from_a_local_llava_hf_folder(models, tmp_path):
+    """The `paper` path: a llava-hf style folder (config.json + safetensors + tokenizer) read with no network."""
+    tiny = models["ppcr"]
+    from ppcr.model.mllm import build_llava
+
+    folder = tmp_path / "llava-local"
+    plain = build_llava(tiny.config, tiny.tokenizer)  # same architecture, fresh weights
+    plain.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+    model = PPCRModel.build(tiny_config(variant="ppcr", llava_path=str(folder)))
+    loaded = model.mllm.llava.get_input_embeddings().weight
+    torch.testing.assert_close(loaded, plain.get_input_embeddings().weight)
+    assert len(model.tokenizer) == len(tiny.tokenizer)
+
+
+def test_paper_preset_is_llava_1_5_7b_and_sam_vit_h():
+    """The paper preset's architecture (checked on the config, without allocating 7B parameters)."""
+    from ppcr.model.config import paper_config
+    from ppcr.model.mllm import llava_config
+    from ppcr.model.tokenizer import build_word_tokenizer
+
+    cfg = paper_config()
+    assert cfg.vision.num_image_tokens == 576 and cfg.dtype == "bfloat16" and cfg.gradient_checkpointing
+    llava = llava_config(cfg, build_word_tokenizer())
+    assert llava.text_config.hidden_size == 4096 and llava.text_config.num_hidden_layers == 32
+    assert llava.vision_config.image_size == 336 and llava.vision_config.patch_size == 14
+    assert llava.text_config.vocab_size >= 32064
+    assert cfg.sam.encoder_embed_dim == 1280 and cfg.sam.encoder_depth == 32 and cfg.sam.prompt_embed_dim == 256
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
+    assert (cfg.loss.bce, cfg.loss.dice, cfg.loss.l1, cfg.loss.ce) == (2.0, 0.5, 2.0, 0.5)
