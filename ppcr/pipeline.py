@@ -61,7 +61,29 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
         "command": " ".join(sys.argv),
     }
     (out / "study.json").write_text(json.dumps(study, indent=2, default=str))
+    write_benchmarks(out, study)
     return study
+
+
+def write_benchmarks(out: Path, study: dict[str, Any]) -> Path:
+    """`results/benchmarks.json`: train and evaluation throughput and peak memory per stage / variant / seed."""
+    rows = []
+    for stage in study["stages"]:
+        rows.append({"kind": "train", "stage": stage["stage"], "seed": stage["seed"], "steps": stage["steps"],
+                     "samples_per_s": round(stage["samples_per_s"], 3), "wall_s": round(stage["wall_s"], 1),
+                     "peak_memory_mb": round(stage["peak_memory_mb"], 1)})
+    for variant, by_seed in study["results"].items():
+        for seed, rel in by_seed.items():
+            meta = json.loads((out / rel).read_text())["meta"]
+            rows.append({"kind": "evaluate", "variant": variant, "seed": int(seed),
+                         "expressions": meta["expressions"], "expressions_per_s": meta["expressions_per_s"],
+                         "wall_s": meta["wall_s"], "peak_memory_mb": meta.get("peak_memory_mb"),
+                         "device": meta["device"]})
+    path = out / "results" / "benchmarks.json"
+    path.write_text(json.dumps({"profile": study["profile"], "git_commit": study["git_commit"],
+                                "note": "CPU peak memory is the process's peak RSS (ru_maxrss), GPU peak memory is "
+                                        "torch.cuda.max_memory_allocated", "rows": rows}, indent=2))
+    return path
 
 
 def _is_current(results: Path, checkpoint: Path) -> bool:

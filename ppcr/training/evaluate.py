@@ -26,7 +26,8 @@ from ppcr.data.dataset import ReferSegDataset, collate_refer
 from ppcr.data.refer import Refer
 from ppcr.metrics import RefSegMeter, box_iou
 from ppcr.model.modeling_ppcr import PPCRModel
-from ppcr.training.profile import DataSpec, Profile, load_profile
+from ppcr.training.loop import peak_memory_mb
+from ppcr.training.profile import DataSpec, load_profile
 
 META_KEYS = ("expr_type", "distractors_same_category", "visible_fraction", "blurred", "low_contrast")
 
@@ -123,8 +124,7 @@ def evaluate_model(model: PPCRModel, root: str | Path, datasets: list[DataSpec],
         "git_commit": git_commit(), "variant": model.config.variant, "preset": model.config.preset,
         "seed": model.config.seed, "device": device_name(device), "torch": torch.__version__,
         "wall_s": round(wall, 2), "expressions": n, "expressions_per_s": round(n / max(wall, 1e-9), 3),
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda"
-        else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
         "max_expressions_per_split": max_expressions, "command": " ".join(sys.argv),
         **(meta or {}),
     }
