@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -199,7 +200,10 @@ def evaluate_workload(model: PPCRModel, work: Workload, batch_size: int,
             embs = torch.stack([encoded[i][1] for i in needed])
             index = torch.tensor([slot[i] for i, _ in chunk], device=device)
             sizes = [work.original_sizes[i] for i, _ in chunk]
-            st = model.run_stages(feats, embs, index, [e for _, e in chunk], sizes)
+            gt = None
+            if model.config.spec.eval_box == "gt":  # the oracle: a fixed box (the image's central quarter)
+                gt = torch.tensor([[w / 4, h / 4, 3 * w / 4, 3 * h / 4] for h, w in sizes], device=device)
+            st = model.run_stages(feats, embs, index, [e for _, e in chunk], sizes, gt_boxes=gt)
             masks = model.segmenter.postprocess(st.low_res_masks, [work.sam_input_sizes[i] for i, _ in chunk],
                                                 sizes)
             binary = [m > 0 for m in masks]
@@ -321,16 +325,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let float32 matmuls (SAM, the heads) use TF32 tensor cores (changes numerics slightly)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the timed square matmul")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default=None, help="JSON path (default results/bench/<device>-<preset>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path, or a folder for <device>-<preset>.json (default results/bench/)")
 
 
 def git_commit() -> dict[str, Any]:
     def git(*a: str) -> str:
-        done = subprocess.run(["git", *a], capture_output=True, text=True, check=False, cwd=Path(__file__).parent)
+        try:
+            done = subprocess.run(["git", *a], capture_output=True, text=True, check=False,
+                                  cwd=Path(__file__).parent)
+        except OSError:  # no git
+            return ""
         return done.stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    commit = git("rev-parse", "HEAD")
+    if not commit:  # a copy of the tree without .git (e.g. on a lent GPU machine): the caller may name it
+        return {"commit": os.environ.get("PPCR_GIT_COMMIT") or None, "dirty": None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -424,7 +435,9 @@ def run(args: argparse.Namespace) -> int:
     images = args.images or max(2, math.ceil(2 * max(args.batch_sizes) / per_image))
     name = device_name(device)
     device_slug = slug(name if device.type == "cuda" else "cpu " + name.split(" (")[0])
-    out_path = Path(args.out or f"results/bench/{device_slug}-{args.preset}.json")
+    out_path = Path(args.out or "results/bench/")
+    if args.out is None or args.out.endswith("/") or out_path.is_dir():
+        out_path = out_path / f"{device_slug}-{args.preset}.json"
 
     mllm_dtype = base.dtype
     n = args.matmul_size or (8192 if device.type == "cuda" else 1024)
@@ -481,7 +494,7 @@ def format_table(report: dict[str, Any]) -> str:
              "matmul rate: " + ", ".join(f"{dt} {r['flops_per_s'] / 1e12:.3f} TFLOP/s (n={r['n']})"
                                          for dt, r in report["matmul"].items()),
              ""]
-    head = (f"{'variant':<8} {'batch':>5} {'expr/s':>10} {'ms/expr':>9} {'GFLOP/expr':>11} {'bound expr/s':>13} "
+    head = (f"{'variant':<14} {'batch':>5} {'expr/s':>10} {'ms/expr':>9} {'GFLOP/expr':>11} {'bound expr/s':>13} "
             f"{'achieved':>9}")
     lines += [head, "-" * len(head)]
     for variant, e in report["variants"].items():
@@ -489,19 +502,25 @@ def format_table(report: dict[str, Any]) -> str:
         bound = e["bound"]["expressions_per_s"]
         for row in e["eval"]["by_batch_size"]:
             star = "*" if row["batch_size"] == e["eval"]["best"]["batch_size"] else " "
-            lines.append(f"{variant:<8} {row['batch_size']:>4}{star} {row['expressions_per_s']:>10.2f} "
+            lines.append(f"{variant:<14} {row['batch_size']:>4}{star} {row['expressions_per_s']:>10.2f} "
                          f"{1e3 / row['expressions_per_s']:>9.2f} {gflop:>11.4g} {bound:>13.2f} "
                          f"{row['expressions_per_s'] / bound:>9.1%}")
     lines += ["", "* best batch size; achieved = measured / compute-bound throughput", ""]
-    head2 = f"{'variant':<8} {'latency b1 ms':>14} {'train step s':>13} {'train expr/s':>13} {'peak MiB':>9}"
+    head2 = f"{'variant':<14} {'latency b1 ms':>14} {'train step s':>13} {'train expr/s':>13} {'peak MiB':>9}"
     lines += [head2, "-" * len(head2)]
     for variant, e in report["variants"].items():
         t = e["train"]
         train = (f"{t['median_s']:>13.3f} {t['expressions_per_s']:>13.2f} {t['peak_mib']:>9.0f}" if t
                  else f"{'-':>13} {'-':>13} {'-':>9}")
-        lines.append(f"{variant:<8} {e['latency_batch1']['median_ms']:>14.2f} {train}")
+        lines.append(f"{variant:<14} {e['latency_batch1']['median_ms']:>14.2f} {train}")
     lines += ["", "FLOPs per expression by stage (GFLOP):"]
     for variant, e in report["variants"].items():
         parts = ", ".join(f"{k} {v / 1e9:.4g}" for k, v in e["flops"]["per_expression"].items() if v)
         lines.append(f"  {variant}: {parts}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `python -m ppcr.bench ...` needs none of the other sub-commands' dependencies
+    _parser = argparse.ArgumentParser(prog="ppcr bench", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))
