@@ -1,0 +1,208 @@
+"""The book at the smoke profile: report functions on a smoke study, every notebook executed with papermill, and a
+strict Jupyter Book build (any notebook error or Sphinx warning fails), all in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ppcr import report
+from ppcr.book import build, copy_book_sources
+from ppcr.pipeline import run_study
+from ppcr.training.profile import load_profile
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smoke_study")
+    run_study(load_profile("smoke"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(smoke_run: Path) -> report.Study:
+    return report.load_study(smoke_run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_load_study_reads_every_results_file(study: report.Study) -> None:
+    assert study.profile == "smoke" and study.preset == "tiny"
+    assert {"glamm", "ppcr", "attn_box", "gt_box_oracle"} <= set(study.variants)
+    assert study.seeds == [0]
+    assert "synrefg/test" in study.keys and "synref/testA" in study.keys
+    assert report.load_study(study.run_dir) is study  # cached
+
+
+def test_paper_tables_parse() -> None:
+    rows = report.paper_tables()
+    assert {r["table"] for r in rows} == {"table1", "table2", "table3"}
+    ppcr = [r for r in rows if r["table"] == "table1" and r["variant"] == "PPCR"]
+    assert len(ppcr) == 16 and all(isinstance(r["value"], float) for r in ppcr)
+    assert any(r["value"] is None for r in rows)  # the paper's dashes
+
+
+def test_table1_has_paper_and_reproduced_rows(study: report.Study) -> None:
+    t = report.table1(study)
+    sources = [r["source"] for r in t.rows]
+    paper = [r for r in t.rows if r["source"] == "paper"]
+    assert len(paper) == 13 + 1  # 13 methods + the "Absolute" row
+    assert any(r["method"] == "CRIS\u2020" for r in paper)  # excerpted rows marked
+    repro = [r for r in t.rows if r["source"].startswith("reproduced")]
+    assert [r["method"] for r in repro][:2] == ["GLaMM-style", "PPCR"]
+    assert sources.index(repro[0]["source"]) > sources.index("paper")
+    key = report.column_key("refcocog", "mIoU", "test(U)")
+    assert isinstance(repro[1][key], report.MeanStd)
+    assert "not RefCOCO" in t.caption and "smoke" in t.caption and study.commit in t.caption
+    html_text = report.to_html(t)
+    assert html_text.count("<tr class=\"paper") == 14 and "RefCOCO ~ synref" in html_text
+    assert "| Method |" in report.to_markdown(t)
+    cris_cell = next(r for r in paper if r["method"] == "CRIS\u2020")[report.column_key("refcoco", "oIoU", "val")]
+    assert cris_cell is None and report.format_cell(cris_cell) == "\u2013"
+
+
+def test_tables_2_and_3(study: report.Study) -> None:
+    t2, t3 = report.table2(study), report.table3(study)
+    assert [r["variant"] for r in t2.rows if r["source"] != "paper"] == ["glamm", "spatial_re", "spatial_re_seg",
+                                                                       "ppcr"]
+    assert [r["variant"] for r in t3.rows if r["source"] == "paper"] == ["attn_box", "gt_box_oracle", "ppcr"]
+    assert len([r for r in t3.rows if r["source"] != "paper"]) == 3
+
+
+def test_box_head_costs(study: report.Study) -> None:
+    t = report.box_head_costs(study, repeats=3)
+    mlp, attn = t.rows
+    assert attn["params"] > mlp["params"] and attn["mflops"] > mlp["mflops"]
+    assert mlp["us_per_expr"] > 0 and attn["us_per_expr"] > 0
+
+
+def test_flop_count_matches_torch() -> None:
+    """The analytic FLOPs: the MLP exactly; the attention head's linear layers as torch counts them (torch's counter
+    leaves out the attention products, which the analytic count includes)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ppcr.model.config import preset_config
+    from ppcr.model.heads import AttentionBoxHead, MLPBoxHead
+
+    cfg = preset_config("small")
+    d, n = cfg.text.hidden_size, cfg.vision.num_image_tokens
+    mlp = MLPBoxHead(d, cfg.box_head_hidden)
+    attn = AttentionBoxHead(d, cfg.attn_box_dim, cfg.attn_box_layers, cfg.attn_box_heads, cfg.attn_box_queries, n)
+    counted = []
+    for head in (mlp, attn):
+        with FlopCounterMode(display=False) as fc:
+            head(torch.randn(1, d), torch.randn(1, n, d))
+        counted.append(fc.get_total_flops())
+    q, dim = 1 + cfg.attn_box_queries, cfg.attn_box_dim
+    products = 2 * cfg.attn_box_layers * (2 * q * q * dim + 2 * q * n * dim)
+    assert counted[0] == report.mlp_head_flops(d, cfg.box_head_hidden)
+    assert counted[1] == report.attention_head_flops(d, dim, cfg.attn_box_layers, cfg.attn_box_queries, n) - products
+
+
+def test_seed_summary_and_bootstrap(study: report.Study) -> None:
+    seeds = report.seed_summary(study)
+    assert seeds.rows and all(r["n_seeds"] == 1 and r["std"] is None for r in seeds.rows)
+    gains = report.bootstrap_gains(study, n_boot=200)
+    comparisons = {r["comparison"] for r in gains.rows}
+    assert comparisons == {"ppcr \u2212 glamm", "ppcr \u2212 spatial_re", "spatial_re_seg \u2212 spatial_re",
+                           "attn_box \u2212 ppcr"}
+    for r in gains.rows:
+        assert r["ci_low"] <= r["delta"] + 1e-9 or math.isclose(r["ci_low"], r["delta"])
+        assert r["ci_low"] <= r["ci_high"] and r["n"] > 0
+        assert r["excludes_0"] == (r["ci_low"] > 0 or r["ci_high"] < 0)
+    assert {r["metric"] for r in gains.rows} == {"mIoU", "oIoU"}
+
+
+def test_breakdowns(study: report.Study) -> None:
+    by_type = report.breakdown(study, "expr_type")
+    groups = {r["group"] for r in by_type}
+    assert groups <= {"attribute", "location", "relation"} and "relation" in groups
+    assert all(0 <= r["mIoU"] <= 100 and r["n"] > 0 for r in by_type)
+    by_distractors = report.breakdown(study, "distractors_same_category")
+    assert {r["group"] for r in by_distractors} <= {"0", "1", "2", "3+"}
+    assert report.breakdown_table(study, "expr_type").rows
+
+
+def test_failure_cases_and_figure_inputs(study: report.Study) -> None:
+    cases = report.failure_cases(study, "ppcr", k=6)
+    assert 0 < len(cases) <= 6
+    assert all(c["reason"] and c["condition"] for c in cases)
+    ious = [c["row"]["iou"] for c in cases]
+    assert min(ious) >= 0
+    rows, reasons = report.failure_figure_rows(study, cases[:2])
+    assert rows[0]["pred_mask"].shape == rows[0]["gt_mask"].shape and len(reasons) == 2
+    fig6, note = report.qualitative_examples(study, k=2)
+    assert len(fig6) == 2 and "Selected" in note and fig6[0]["oracle_mask"] is not None
+    example = report.entity_example(study)
+    assert example is not None and len(example["entity_boxes"]) >= 2 and example["target"].startswith("target")
+
+
+def test_provenance(study: report.Study) -> None:
+    line = report.provenance(study)
+    assert "`smoke`" in line and study.commit in line and "not RefCOCO" in line and "made by" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# notebooks and the book
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_notebooks_are_thin_parameterised_and_clean() -> None:
+    assert [p.name for p in NOTEBOOKS] == ["01_table1_main_results.ipynb", "02_table2_reasoning_ablation.ipynb",
+                                           "03_table3_spatial_ablation.ipynb", "04_figures.ipynb",
+                                           "05_beyond_the_paper.ipynb", "06_explorer.ipynb"]
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["kernelspec"]["name"] == "python3"
+        assert nb["cells"][0]["cell_type"] == "markdown"
+        params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(params) == 1, path.name
+        for name in ("profile", "run_dir", "seeds", "device", "data_root", "llava_path", "sam_checkpoint",
+                     "output_dir"):
+            assert f"{name} = " in "".join(params[0]["source"]), (path.name, name)
+        for c in nb["cells"]:
+            if c["cell_type"] == "code":
+                assert not c.get("outputs") and c.get("execution_count") is None, f"{path.name} has outputs"
+                assert len("".join(c["source"]).splitlines()) <= 12, f"{path.name}: keep the logic in ppcr.report"
+
+
+def test_book_builds_strictly_at_smoke(smoke_run: Path, tmp_path: Path) -> None:
+    book_dir = copy_book_sources(tmp_path / "book", REPO / "book", REPO / "_config.yml")
+    assert build("smoke", smoke_run, progress=False, book_dir=book_dir, notebooks_dir=REPO / "notebooks",
+                 strict=True) == 0
+    html = tmp_path / "_build" / "html"
+    for nb in NOTEBOOKS:
+        page = html / f"{nb.stem}.html"
+        assert page.is_file(), page
+        assert "Traceback" not in page.read_text()
+    assert (html / "intro.html").is_file() and (html / "reproduce.html").is_file()
+    table1 = (html / "01_table1_main_results.html").read_text()
+    assert "Results shown:" in table1 and "CMIRNet" in table1 and "reproduced (smoke)" in table1
+    executed = json.loads((book_dir / "06_explorer.ipynb").read_text())
+    state = executed["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    outputs = [m["state"].get("outputs", []) for m in state.values() if m["model_name"] == "OutputModel"]
+    assert any(o and "image/png" in o[0]["data"] for o in outputs)  # the explorer's rendered view is saved
+
+
+def test_a_failing_notebook_fails_the_build(smoke_run: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nb = json.loads(NOTEBOOKS[0].read_text())
+    nb["cells"].append({"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+                        "source": "raise RuntimeError('broken on purpose')"})
+    (notebooks / "01_broken.ipynb").write_text(json.dumps(nb))
+    book_dir = copy_book_sources(tmp_path / "book", REPO / "book", REPO / "_config.yml")
+    assert build("smoke", smoke_run, progress=False, book_dir=book_dir, notebooks_dir=notebooks) == 1
+    err = capsys.readouterr().err
+    assert "01_broken.ipynb" in err and "broken on purpose" in err
