@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ppcr.cli import main as cli_main  # noqa: E402
-from ppcr.data.dataset import ReferSegDataset, collate_refer  # noqa: E402
+from ppcr.data.dataset import collate_refer  # noqa: E402
 from ppcr.data.refer import Refer  # noqa: E402
 from ppcr.data.transforms import ImagePrep  # noqa: E402
 from ppcr.model.modeling_ppcr import PPCROutput, StageOutputs  # noqa: E402
