@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ppcr.data.transforms import ImagePrep
 from ppcr.losses import total_loss
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
@@ -53,6 +54,11 @@ class PPCROutput:
     losses: dict[str, torch.Tensor]
     mask_logits: list[torch.Tensor]  # per expression, (H, W) at the original resolution
     stages: StageOutputs
+
+
+def image_prep_for(config: PPCRConfig) -> ImagePrep:
+    """The CLIP- and SAM-side image preparation a config's model expects."""
+    return ImagePrep(clip_size=config.vision.image_size, sam_size=config.sam.img_size)
 
 
 def validate_image(image: Any) -> np.ndarray:
@@ -123,10 +129,8 @@ class PPCRModel(nn.Module):
                        self.segmenter.sam.mask_decoder):
             module.requires_grad_(True)
 
-    def image_prep(self):
-        from ppcr.data.transforms import ImagePrep
-
-        return ImagePrep(clip_size=self.config.vision.image_size, sam_size=self.config.sam.img_size)
+    def image_prep(self) -> ImagePrep:
+        return image_prep_for(self.config)
 
     @property
     def device(self) -> torch.device:

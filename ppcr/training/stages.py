@@ -32,7 +32,7 @@ from ppcr.losses import mask_bce, mask_dice
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
 from ppcr.model.mllm import answer_cross_entropy, build_llava, llava_image_features, multimodal_embeddings
-from ppcr.model.modeling_ppcr import PPCRModel
+from ppcr.model.modeling_ppcr import PPCRModel, image_prep_for
 from ppcr.model.persistence import load_weights_into
 from ppcr.model.segmentation import SamSegmenter, build_sam
 from ppcr.model.tokenizer import build_word_tokenizer, encode_pass, load_tokenizer
@@ -80,10 +80,6 @@ def prepare_data(profile: Profile, out: str | Path, progress: bool = True) -> Pa
         for spec in profile.datasets:
             Refer(root, spec.name, spec.split_by)  # raises a clear error for a missing file
     return root
-
-
-def image_prep(config: PPCRConfig) -> ImagePrep:
-    return ImagePrep(clip_size=config.vision.image_size, sam_size=config.sam.img_size)
 
 
 def split_datasets(profile: Profile, root: Path, prep: ImagePrep, split: str = "train") -> list[ReferSegDataset]:
@@ -213,8 +209,8 @@ class SamPretrainer(nn.Module):
 def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
     config = profile.model_config("glamm", seed)
     root = data_root(profile, out)
-    fp = profile.fingerprint("sam_pretrain", SAM_PRETRAIN_VERSION, asdict(config.sam), profile.stage("sam_pretrain"), profile.datasets,
-                             profile.data_seed, profile.image_size, data_version(profile), seed)
+    fp = profile.fingerprint("sam_pretrain", SAM_PRETRAIN_VERSION, asdict(config.sam), profile.stage("sam_pretrain"),
+                             profile.datasets, profile.data_seed, profile.image_size, data_version(profile), seed)
     stage = _stage_dir(out, seed, "sam_pretrain", fp)
     weights = stage / "sam.safetensors"
     if _done(stage):
@@ -222,7 +218,7 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
     _fresh(stage, resume)
     torch.manual_seed(seed)
     module = SamPretrainer(config)
-    data = train_dataset(profile, root, image_prep(config))
+    data = train_dataset(profile, root, image_prep_for(config))
     cfg = loop_config(profile, "sam_pretrain", seed, len(data))
     result = train_loop(module, lambda m, b, r: m(b, r), data, collate_refer, cfg, stage, resume=resume,
                         desc=f"stage 0 SAM pretraining (seed {seed})", progress=progress)
@@ -298,7 +294,7 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     torch.manual_seed(seed)
     tokenizer = synref_tokenizer()
     module = MllmPretrainer(config, tokenizer)
-    prep = image_prep(config)
+    prep = image_prep_for(config)
     data = ConcatDataset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep)])
     cfg = loop_config(profile, "mllm_pretrain", seed, len(data))
     result = train_loop(module, lambda m, b, r: m(b, r), data, collate_refer, cfg, stage, resume=resume,
