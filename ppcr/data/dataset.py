@@ -125,6 +125,33 @@ class ReferSegDataset(Dataset):
         return item
 
 
+class ImageObjectsDataset(Dataset):
+    """One item per image of a split with *every* annotated object on it (masks and boxes), for class-agnostic
+    promptable segmentation (SAM's own training signal: many prompts per image encoding)."""
+
+    def __init__(self, refer: Refer, split: str, prep: ImagePrep) -> None:
+        self.refer = refer
+        self.prep = prep
+        self.image_ids = list(dict.fromkeys(int(refer.ref(r)["image_id"]) for r in refer.ref_ids(split)))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = self.image_ids[index]
+        image = load_image(self.refer.image_path(image_id))
+        anns = [self.refer.ann(a) for a in self.refer.image_ann_ids(image_id)]
+        sam_pixels, sam_input_size = self.prep.sam(image)
+        return {
+            "sam_pixel_values": sam_pixels,  # (3, sam_size, sam_size)
+            "sam_input_size": sam_input_size,
+            "original_size": (int(image.shape[0]), int(image.shape[1])),
+            "masks": [torch.from_numpy(self.refer.mask(a)) for a in anns],  # K x (H, W) uint8
+            "boxes": torch.stack([torch.from_numpy(self.refer.box_xyxy(a)) for a in anns]),  # (K, 4) xyxy pixels
+            "image_id": image_id,
+        }
+
+
 def collate_refer(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the pixel tensors ((B, 3, S, S)); every other key becomes a list of length B."""
     if not batch:

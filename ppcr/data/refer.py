@@ -308,6 +308,14 @@ class Refer:
         """The COCO annotation with this id."""
         return self._anns[int(ann_id)]
 
+    def image_ann_ids(self, image_id: int) -> list[int]:
+        """Ids of every annotation (referred to or not) on an image, in file order."""
+        if not hasattr(self, "_anns_by_image"):
+            self._anns_by_image: dict[int, list[int]] = {}
+            for ann_id, ann in self._anns.items():
+                self._anns_by_image.setdefault(int(ann["image_id"]), []).append(ann_id)
+        return self._anns_by_image.get(int(image_id), [])
+
     def image_info(self, image_id: int) -> dict[str, Any]:
         """The COCO image entry (file_name, height, width, ...)."""
         return self._images[int(image_id)]

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from ppcr.data.dataset import ReferSegDataset, collate_refer
 from ppcr.data.refer import Refer
-from ppcr.metrics import RefSegMeter, box_iou
+from ppcr.metrics import RefSegMeter, box_iou, mask_iou
 from ppcr.model.modeling_ppcr import PPCRModel
+from ppcr.training.diagnostics import box_fill_mask
 from ppcr.training.loop import peak_memory_mb
 from ppcr.training.profile import DataSpec, load_profile
 
@@ -89,6 +90,9 @@ def evaluate_split(model: PPCRModel, dataset: ReferSegDataset, batch_size: int, 
                 "pred_box": None if pred_box is None else [round(float(v), 2) for v in pred_box],
                 "gt_box": [round(float(v), 2) for v in gt_box],
                 "score": float(st.iou_pred[j, 0]),
+                # sanity baselines: the IoU of simply filling the ground-truth / the predicted box
+                "gt_box_fill_iou": float(mask_iou(box_fill_mask(gt_box, (h, w)), gt)),
+                "pred_box_fill_iou": None if pred_box is None else float(mask_iou(box_fill_mask(pred_box, (h, w)), gt)),
                 **{k: meta[k] for k in META_KEYS if k in meta},
             }
             if keep_masks:

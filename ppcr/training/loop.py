@@ -6,6 +6,8 @@
 - Checkpoints every `checkpoint_every` steps and at the end, written atomically (a new folder swapped in by
   rename); `resume=True` continues from the last one.
 - Logs every loss term and the learning rate to `log.csv` and TensorBoard; tqdm shows progress.
+- Optionally evaluates on held-out data every `eval_every` steps and at the end (`evaluate`), logging the figures
+  to `eval.csv` and TensorBoard (`<desc>/val_<name>`), so every stage shows whether and how fast it learns.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class TrainResult:
     wall_s: float
     resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    eval_history: list[dict[str, float]] = field(default_factory=list)  # {"step": s, "<metric>": v, ...}
+
+    @property
+    def final_eval(self) -> dict[str, float]:
+        return {k: v for k, v in self.eval_history[-1].items() if k != "step"} if self.eval_history else {}
 
 
 def warmup_decay(step: int, warmup: int, total: int) -> float:
@@ -180,6 +187,7 @@ class Checkpointer:
 
 
 StepFn = Callable[[nn.Module, dict[str, Any], random.Random], dict[str, torch.Tensor]]
+EvalFn = Callable[[nn.Module], dict[str, float]]  # the unwrapped module (in eval mode, no grad) -> figures
 
 
 def train_loop(
@@ -192,8 +200,13 @@ def train_loop(
     resume: bool = False,
     desc: str = "train",
     progress: bool = True,
+    evaluate: EvalFn | None = None,
+    eval_every: int = 0,
 ) -> TrainResult:
-    """Train `module`'s trainable parameters for `cfg.steps` optimisation steps of `step_fn`'s "total" loss."""
+    """Train `module`'s trainable parameters for `cfg.steps` optimisation steps of `step_fn`'s "total" loss.
+
+    `evaluate`, when given, runs every `eval_every` steps (0: only at the end) and after the last step.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _make_accelerator(cfg)
@@ -218,6 +231,8 @@ def train_loop(
 
     log_path = out / "log.csv"
     history = _read_log(log_path, upto=start) if resume else []
+    eval_path = out / "eval.csv"
+    eval_history = _read_log(eval_path, upto=start) if resume else []
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None)
@@ -255,6 +270,13 @@ def train_loop(
                 writer.add_scalar(f"{desc}/{k}", v, step)
         bar.set_postfix(loss=f"{row['total']:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
+        if evaluate is not None and ((eval_every and step % eval_every == 0) or step == cfg.steps):
+            figures = _run_evaluation(evaluate, accelerator.unwrap_model(model))
+            eval_history.append({"step": step, **figures})
+            for k, v in figures.items():
+                writer.add_scalar(f"{desc}/val_{k}", v, step)
+            _write_log(eval_path, eval_history)
+            bar.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _write_log(log_path, history)
             if accelerator.is_main_process:
@@ -267,15 +289,30 @@ def train_loop(
     wall = time.perf_counter() - t0
     _write_log(log_path, history)
     result = TrainResult(
-        out_dir=out, steps=step, history=history, resumed_from=start,
+        out_dir=out, steps=step, history=history, resumed_from=start, eval_history=eval_history,
         first_losses={k: v for k, v in history[0].items() if k not in ("step",)} if history else {},
         final_losses={k: v for k, v in history[-1].items() if k not in ("step",)} if history else {},
         samples_per_s=samples / max(wall, 1e-9), peak_memory_mb=peak_memory_mb(device), wall_s=wall,
     )
-    summary = {k: v for k, v in asdict(result).items() if k not in ("history", "out_dir")}
+    summary = {k: v for k, v in asdict(result).items() if k not in ("history", "eval_history", "out_dir")}
+    summary["final_eval"] = result.final_eval
     summary["device"] = str(device)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def _run_evaluation(evaluate: EvalFn, module: nn.Module) -> dict[str, float]:
+    """Held-out figures of `module` in eval mode without gradients; the training mode and RNGs are restored."""
+    was_training = module.training
+    rng_state = torch.get_rng_state()
+    module.eval()
+    try:
+        with torch.no_grad():
+            figures = {k: float(v) for k, v in evaluate(module).items()}
+    finally:
+        module.train(was_training)
+        torch.set_rng_state(rng_state)
+    return figures
 
 
 def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
