@@ -165,7 +165,12 @@ class PPCRConfig:
     attn_box_heads: int = 8
     attn_box_queries: int = 4  # learned queries beside P_seg_box in the attention head
     detach_box_for_sam: bool = False  # True: the mask loss does not flow into the box head through SAM
-    train_box_prompt: str = "pred"  # box SAM gets during training: "pred" (paper) or "gt" (teacher forcing)
+    # box SAM gets during training: "pred" (the paper), "gt" (teacher forcing) or "mixed" (each expression gets its
+    # ground-truth box with probability train_gt_box_prob, else the predicted one); ground-truth boxes are jittered
+    # by up to train_gt_box_jitter of their size per coordinate while training
+    train_box_prompt: str = "pred"
+    train_gt_box_prob: float = 0.5
+    train_gt_box_jitter: float = 0.1
     eval_semantic_template: int = 0
     eval_spatial_template: int = 0
     seed: int = 0
@@ -227,7 +232,7 @@ def small_config(**overrides: Any) -> PPCRConfig:
     """The model the synthetic (SynRef) reproduction trains: ~20M parameters."""
     cfg = PPCRConfig(
         preset="small",
-        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=4,
+        vision=VisionConfig(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=4,
                             num_attention_heads=4, intermediate_size=512, projection_dim=192),
         text=TextConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                         intermediate_size=704, max_position_embeddings=512, vocab_size=0),

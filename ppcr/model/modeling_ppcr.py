@@ -172,6 +172,15 @@ class PPCRModel(nn.Module):
         box_raw = self.box_head(p_seg_box.float(), image_features.float())
         return p_seg_box, box_raw, ce
 
+    def _jitter_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, 4) ground-truth pixel boxes moved by up to `train_gt_box_jitter` of their size per coordinate (as
+        stage 0 trains SAM), so SAM learns to follow a box that is only roughly right, like a predicted one."""
+        if self.config.train_gt_box_jitter <= 0:
+            return boxes
+        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+        noise = (torch.rand_like(boxes) * 2 - 1) * self.config.train_gt_box_jitter
+        return boxes + noise * wh
+
     def box_prompt_mode(self) -> str:
         if not self.config.spec.uses_spatial_stage:
             return "none"
@@ -208,16 +217,22 @@ class PPCRModel(nn.Module):
 
         wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
         mode = self.box_prompt_mode()
-        if mode == "pred":
+        sam_boxes = None
+        if mode in ("pred", "mixed"):
             sam_boxes = boxes_norm * wh  # Eq. 5
             if self.config.detach_box_for_sam:
                 sam_boxes = sam_boxes.detach()
-        elif mode == "gt":
+        if mode in ("gt", "mixed"):
             if gt_boxes is None:
                 raise ValueError(f"variant {self.config.variant!r} needs ground-truth boxes here")
-            sam_boxes = gt_boxes.to(self.device, torch.float32)
-        else:
-            sam_boxes = None
+            gt = gt_boxes.to(self.device, torch.float32)
+            if self.training:
+                gt = self._jitter_boxes(gt)
+            if mode == "gt":
+                sam_boxes = gt
+            else:  # teacher forcing for a share of the expressions, the predicted box for the others
+                use_gt = torch.rand(gt.shape[0], 1, device=self.device) < self.config.train_gt_box_prob
+                sam_boxes = torch.where(use_gt, gt, sam_boxes)
         boxes_in = None if sam_boxes is None else self.segmenter.boxes_to_input_frame(sam_boxes, list(original_sizes))
         low_res, iou = self.segmenter.decode(sam_embeddings, image_index, boxes_in, p_seg_txt)
         return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms)

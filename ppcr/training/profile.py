@@ -17,7 +17,7 @@ import yaml
 
 from ppcr.model.config import VARIANTS, PPCRConfig, preset_config
 
-PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper")
+PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation")
 
 
 @dataclass
@@ -38,6 +38,8 @@ class StageSpec:
     lr: float = 3e-4
     warmup_steps: int = 100
     grad_accum: int = 1
+    objects_per_image: int = 1  # stage 0: prompts decoded per image encoding (batch_size counts images there)
+    box_prob: float = 0.5  # stage 0: share of steps prompted with boxes (the rest with points)
 
     def total_steps(self, n_samples: int) -> int:
         if self.epochs > 0:
@@ -67,6 +69,9 @@ class Profile:
     checkpoint_every: int = 200
     eval_max_expressions: int | None = None  # per split; None = every expression
     eval_batch_size: int = 16
+    diag_every: int = 0  # held-out diagnostics every N steps of every stage (0: only at each stage's end)
+    diag_expressions: int = 48  # val expressions per dataset in those diagnostics (None/0: no diagnostics)
+    foundation: str = "train"  # stages 0-1: "train" them in the run, or start from the "shipped" weights
     device: str = "auto"
     num_workers: int = 0
     source: str = ""  # where the profile was read from
@@ -111,6 +116,10 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
     if unknown:
         raise ValueError(f"profile {profile.name}: unknown variants {unknown}")
     preset_config(profile.preset, **profile.model)  # validates the overrides early
+    if profile.foundation not in ("train", "shipped"):
+        raise ValueError(f"profile {profile.name}: foundation must be 'train' or 'shipped', not {profile.foundation!r}")
+    if profile.foundation == "shipped" and (profile.preset != "small" or profile.data_kind != "synref"):
+        raise ValueError(f"profile {profile.name}: the shipped foundation exists for the small preset on SynRef only")
     return profile
 
 

@@ -21,28 +21,31 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from ppcr.data.dataset import ReferSegDataset, collate_refer
+from ppcr.data.dataset import ImageObjectsDataset, ReferSegDataset, collate_refer
 from ppcr.data.refer import Refer
 from ppcr.data.transforms import ImagePrep
 from ppcr.losses import mask_bce, mask_dice
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
-from ppcr.model.mllm import answer_cross_entropy, build_llava, llava_image_features, multimodal_embeddings
+from ppcr.model.mllm import build_llava, llava_image_features, multimodal_embeddings
 from ppcr.model.modeling_ppcr import PPCRModel, image_prep_for
 from ppcr.model.persistence import load_weights_into
 from ppcr.model.segmentation import SamSegmenter, build_sam
 from ppcr.model.tokenizer import build_word_tokenizer, encode_pass, load_tokenizer
 from ppcr.training.cache import SamEmbeddingCache, module_fingerprint
+from ppcr.metrics import box_iou
+from ppcr.training.diagnostics import batches, ris_val_metrics, sam_prompt_metrics, val_subset
 from ppcr.training.loop import LoopConfig, TrainResult, train_loop
 from ppcr.training.profile import Profile
 
-SAM_PRETRAIN_VERSION = 2  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
+SAM_PRETRAIN_VERSION = 3  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
 BOX_BINS = 32  # stage 1 answers boxes as integers 0..31 of the image width/height
-PRETRAIN_WORDS = ["describe", "where", "it", "is", "a", "at", "."] + [str(i) for i in range(BOX_BINS)]
+PRETRAIN_WORDS = ["sure", "it", "is", "a", "the", "bounding", "box", ",", "."] + [str(i) for i in range(BOX_BINS)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +127,8 @@ def _done(stage: Path) -> dict[str, Any] | None:
 def _mark_done(stage: Path, result: TrainResult, **extra: Any) -> dict[str, Any]:
     info = {"steps": result.steps, "wall_s": result.wall_s, "samples_per_s": result.samples_per_s,
             "peak_memory_mb": result.peak_memory_mb, "first_losses": result.first_losses,
-            "final_losses": result.final_losses, "resumed_from": result.resumed_from, **extra}
+            "final_losses": result.final_losses, "resumed_from": result.resumed_from,
+            "final_eval": result.final_eval, "eval_history": result.eval_history, **extra}
     (stage / "DONE.json").write_text(json.dumps(info, indent=2, default=str))
     return info
 
@@ -134,6 +138,13 @@ def _fresh(stage: Path, resume: bool) -> None:
     if not resume and stage.exists() and _done(stage) is None:
         shutil.rmtree(stage)
     stage.mkdir(parents=True, exist_ok=True)
+
+
+def diagnostics_data(profile: Profile, root: Path, prep: ImagePrep) -> Dataset | None:
+    """The fixed val subset every stage's held-out diagnostics run on (None when the profile turns them off)."""
+    if not profile.diag_expressions:
+        return None
+    return val_subset(split_datasets(profile, root, prep, "val"), profile.diag_expressions)
 
 
 def loop_config(profile: Profile, stage_name: str, seed: int, n_samples: int) -> LoopConfig:
@@ -162,40 +173,61 @@ def _deepspeed_path(profile: Profile) -> str | None:
 
 
 class SamPretrainer(nn.Module):
-    """The whole SAM (encoder included) trained to segment an object from a box or from points inside it."""
+    """The whole SAM (encoder included) trained to segment objects from a box or from points inside them.
 
-    def __init__(self, config: PPCRConfig):
+    Like SAM's own training, one image encoding serves several prompts: each step samples up to
+    `objects_per_image` of the annotated objects of every image (referred to or not; SAM is class-agnostic),
+    prompts each with its jittered box (probability `box_prob`) or 1-3 points inside it, and decodes them all.
+    """
+
+    def __init__(self, config: PPCRConfig, objects_per_image: int = 1, box_prob: float = 0.5):
         super().__init__()
         self.segmenter = SamSegmenter(build_sam(config.sam))
         self.segmenter.sam.requires_grad_(True)  # stage 0 trains the encoder too; it is frozen afterwards
+        self.objects_per_image = objects_per_image
+        self.box_prob = box_prob
+
+    def _prompt(self, box: torch.Tensor, mask: torch.Tensor, size: tuple[int, int], rng: random.Random,
+                use_box: bool) -> torch.Tensor:
+        """Sparse prompt embedding (n, C) of one object: its box jittered by up to 10% of its size, or k points."""
+        seg = self.segmenter
+        pe = seg.sam.prompt_encoder
+        if use_box:
+            wh = (box[2:] - box[:2]).repeat(2)
+            jitter = torch.tensor([rng.uniform(-0.1, 0.1) for _ in range(4)], device=box.device) * wh
+            return pe._embed_boxes(seg.boxes_to_input_frame((box + jitter)[None], [size]))[0]  # (2, C)
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        k = rng.randint(1, 3)
+        pick = [rng.randrange(len(xs)) for _ in range(k)] if len(xs) else []
+        pts = [[float(xs[i]) + 0.5, float(ys[i]) + 0.5] for i in pick] or [[size[1] / 2, size[0] / 2]] * k
+        coords = seg.coords_to_input_frame(torch.tensor([pts], device=box.device), [size])  # (1, k, 2)
+        labels = torch.ones(1, k, dtype=torch.long, device=box.device)
+        return pe._embed_points(coords, labels, pad=True)[0]  # (k + 1, C): SAM pads point-only prompts
 
     def forward(self, batch: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
         seg = self.segmenter
         device = seg.sam.pixel_mean.device
-        pixels = batch["sam_pixel_values"].to(device)
-        embeddings = seg.sam.image_encoder(pixels)  # (B, C, s, s), with gradient
-        sizes = [tuple(s) for s in batch["original_size"]]
-        boxes = torch.stack([torch.as_tensor(b, dtype=torch.float32) for b in batch["box"]]).to(device)
+        embeddings = seg.sam.image_encoder(batch["sam_pixel_values"].to(device))  # (N, C, s, s), with gradient
         pe = seg.sam.prompt_encoder
-        if rng.random() < 0.5:  # box prompts, jittered by up to 10% of the box size
-            wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-            noise = torch.tensor([[rng.uniform(-0.1, 0.1) for _ in range(4)] for _ in sizes], device=device)
-            sparse = pe._embed_boxes(seg.boxes_to_input_frame(boxes + noise * wh, sizes))
-        else:  # 1-3 positive points inside the target mask
-            k = rng.randint(1, 3)
-            points = []
-            for mask in batch["mask"]:
-                ys, xs = torch.nonzero(mask, as_tuple=True)
-                pick = [rng.randrange(len(xs)) for _ in range(k)] if len(xs) else [0] * k
-                points.append([[float(xs[i]) if len(xs) else 0.0, float(ys[i]) if len(xs) else 0.0] for i in pick])
-            coords = seg.coords_to_input_frame(torch.tensor(points, device=device), sizes)  # (B, k, 2)
-            labels = torch.ones(coords.shape[:2], dtype=torch.long, device=device)
-            sparse = pe._embed_points(coords, labels, pad=True)
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(sizes), -1, *pe.image_embedding_size)
-        index = torch.arange(len(sizes), device=device)
-        low_res, iou_pred = seg.decode_prompts(embeddings, index, sparse, dense)
-        masks = seg.postprocess(low_res, batch["sam_input_size"], sizes)
-        targets = [m.to(device) for m in batch["mask"]]
+        index, sparse, targets, input_sizes, sizes = [], [], [], [], []
+        use_box = rng.random() < self.box_prob  # one prompt kind per step: equal sparse lengths, one decoder call
+        for i, (masks, boxes) in enumerate(zip(batch["masks"], batch["boxes"])):
+            size = tuple(batch["original_size"][i])
+            order = list(range(len(masks)))
+            rng.shuffle(order)
+            for k in order[: self.objects_per_image]:
+                mask = masks[k].to(device)
+                sparse.append(self._prompt(boxes[k].to(device), mask, size, rng, use_box))
+                index.append(i)
+                targets.append(mask)
+                input_sizes.append(batch["sam_input_size"][i])
+                sizes.append(size)
+        width = max(p.shape[0] for p in sparse)  # pad point prompts with SAM's "not a point" embedding
+        sparse = torch.stack([torch.cat([p, pe.not_a_point_embed.weight.expand(width - p.shape[0], -1)])
+                              for p in sparse])  # (M, n, C)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(targets), -1, *pe.image_embedding_size)
+        low_res, iou_pred = seg.decode_prompts(embeddings, torch.tensor(index, device=device), sparse, dense)
+        masks = seg.postprocess(low_res, input_sizes, sizes)
         bce = torch.stack([mask_bce(p, t) for p, t in zip(masks, targets)]).mean()
         dice = torch.stack([mask_dice(p, t) for p, t in zip(masks, targets)]).mean()
         with torch.no_grad():
@@ -204,6 +236,13 @@ class SamPretrainer(nn.Module):
         iou_mse = torch.nn.functional.mse_loss(iou_pred[:, 0], true_iou.float())
         # Dice weighs as much as BCE here: SynRef objects are small, and BCE alone settles on "all background".
         return {"total": bce + dice + iou_mse, "bce": bce, "dice": dice, "iou_mse": iou_mse}
+
+
+def collate_objects(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """`ImageObjectsDataset` items: SAM pixels stacked (N, 3, S, S), the rest as lists."""
+    out = {k: [item[k] for item in batch] for k in batch[0]}
+    out["sam_pixel_values"] = torch.stack(out["sam_pixel_values"])
+    return out
 
 
 def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
@@ -217,11 +256,18 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
         return weights
     _fresh(stage, resume)
     torch.manual_seed(seed)
-    module = SamPretrainer(config)
-    data = train_dataset(profile, root, image_prep_for(config))
+    spec = profile.stage("sam_pretrain")
+    module = SamPretrainer(config, spec.objects_per_image, spec.box_prob)
+    prep = image_prep_for(config)
+    data = ConcatDataset([ImageObjectsDataset(Refer(root, d.name, d.split_by), "train", prep)
+                          for d in profile.datasets])
     cfg = loop_config(profile, "sam_pretrain", seed, len(data))
-    result = train_loop(module, lambda m, b, r: m(b, r), data, collate_refer, cfg, stage, resume=resume,
-                        desc=f"stage 0 SAM pretraining (seed {seed})", progress=progress)
+    val = diagnostics_data(profile, root, image_prep_for(config))
+    evaluate = None if val is None else (
+        lambda m: sam_prompt_metrics(m.segmenter, val, profile.eval_batch_size))
+    result = train_loop(module, lambda m, b, r: m(b, r), data, collate_objects, cfg, stage, resume=resume,
+                        desc=f"stage 0 SAM pretraining (seed {seed})", progress=progress, evaluate=evaluate,
+                        eval_every=profile.diag_every)
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in module.segmenter.sam.state_dict().items()}
@@ -236,14 +282,23 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
 
 
 def pretrain_turn(expression: str, attributes: dict[str, Any], box: torch.Tensor, size: tuple[int, int],
-                  task: str) -> tuple[str, str]:
-    """One stage-1 question/answer: describe the object an expression names, or give its box (32 bins)."""
+                  task: str, rng: random.Random | None = None) -> tuple[str, str]:
+    """One stage-1 question/answer about the object an expression names: describe it, or give its box (32 bins).
+
+    The questions are the RIS prompts' own templates (the semantic ones for "describe", the spatial ones with the
+    expression in place of the soft token for "where") and the answers begin like the RIS answers ("Sure, ..."), so
+    every word the later stages use has a trained embedding, as it has in the real LLaVA. `rng` None: the first
+    template (evaluation)."""
     if task == "describe":
         words = [attributes.get(k) for k in ("size", "pattern", "color", "shape")]
-        return f"Describe the {expression}.", "It is a " + " ".join(w for w in words if w) + "."
+        question = prompts.fill(prompts.pick_template(prompts.SEMANTIC_TEMPLATES, rng, 0), expression)
+        return question, "Sure, it is a " + " ".join(w for w in words if w) + "."
+    templates = prompts.SPATIAL_RE_TEMPLATES + tuple(t.replace("{P}", "{T}") for t in
+                                                     prompts.SPATIAL_TEMPLATES + prompts.SPATIAL_RE_SEG_TEMPLATES)
+    question = prompts.fill(prompts.pick_template(templates, rng, 0), expression)
     h, w = size
     bins = [min(BOX_BINS - 1, int(float(v) / s * BOX_BINS)) for v, s in zip(box.tolist(), (w, h, w, h))]
-    return f"Where is the {expression}?", "It is at " + " ".join(map(str, bins)) + "."
+    return question, "Sure, the bounding box is " + " ".join(map(str, bins)) + "."
 
 
 class MllmPretrainer(nn.Module):
@@ -256,21 +311,64 @@ class MllmPretrainer(nn.Module):
         self.llava = build_llava(config, tokenizer)
         self.llava.requires_grad_(True)
 
-    def forward(self, batch: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
+    def answer_logits(self, batch: dict[str, Any], tasks: list[str], rng: random.Random | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced next-token logits of each row's answer: (B, A, V) and targets (B, A), -100 = padding.
+
+        tasks: "describe" or "where" per row of the batch; rng picks the question templates (None: the first)."""
         device = self.llava.device
         feats = llava_image_features(self.llava, batch["clip_pixel_values"].to(device),
                                      self.config.vision_feature_layer)  # (B, N_img, d), with gradient
-        turns = [pretrain_turn(e, a, torch.as_tensor(b), tuple(s), rng.choice(("describe", "where")))
-                 for e, a, b, s in zip(batch["expression"], batch["attributes"], batch["box"],
-                                       batch["original_size"])]
+        turns = [pretrain_turn(e, a, torch.as_tensor(b), tuple(s), t, rng)
+                 for e, a, b, s, t in zip(batch["expression"], batch["attributes"], batch["box"],
+                                          batch["original_size"], tasks)]
         ctx, ans = zip(*[prompts.conversation(q, a, self.config.system_prompt) for q, a in turns])
         enc = encode_pass(self.tokenizer, ctx, ans, None, feats.shape[1]).to(device)
         image_id = self.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
         embeds = multimodal_embeddings(self.llava, enc.input_ids, feats, image_id)
         hidden = self.llava.model.language_model(inputs_embeds=embeds,
                                                  attention_mask=enc.attention_mask).last_hidden_state
-        ce = answer_cross_entropy(self.llava, hidden, enc.labels)
+        targets = enc.labels[:, 1:]  # (B, L-1): position t predicts token t+1
+        answer = targets != -100
+        width = int(answer.sum(1).max())
+        start = answer.float().argmax(1)  # first answer position of each row
+        cols = (start[:, None] + torch.arange(width, device=device)[None]).clamp(max=targets.shape[1] - 1)
+        rows = torch.arange(len(tasks), device=device)[:, None]
+        logits = self.llava.get_output_embeddings()(hidden[:, :-1][rows, cols])  # (B, A, V)
+        tgt = torch.where(answer[rows, cols], targets[rows, cols], torch.full_like(cols, -100))
+        return logits, tgt
+
+    def forward(self, batch: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
+        tasks = [rng.choice(("describe", "where")) for _ in batch["expression"]]
+        logits, targets = self.answer_logits(batch, tasks, rng)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return {"total": ce, "ce": ce}
+
+    @torch.no_grad()
+    def val_metrics(self, data: Dataset, batch_size: int = 16) -> dict[str, float]:
+        """Answer-token accuracy (%) of "describe" and "where" questions, and the box read off the "where"
+        answer's four bins (teacher-forced, bin centres): mean IoU and accuracy@0.5 against the target's box."""
+        correct = {"describe": [0, 0], "where": [0, 0]}
+        box_ious: list[float] = []
+        for batch in batches(data, batch_size):
+            for task in ("describe", "where"):
+                logits, targets = self.answer_logits(batch, [task] * len(batch["expression"]))
+                pred = logits.argmax(-1)
+                valid = targets != -100
+                correct[task][0] += int(((pred == targets) & valid).sum())
+                correct[task][1] += int(valid.sum())
+                if task == "where":  # the four bin tokens of the answer "sure , the bounding box is b1 b2 b3 b4 ."
+                    for row, (box, (h, w)) in enumerate(zip(batch["box"], batch["original_size"])):
+                        words = self.tokenizer.convert_ids_to_tokens(targets[row].clamp(min=0).tolist())
+                        at = [i for i, t in enumerate(words) if t.isdigit() and targets[row, i] != -100][:4]
+                        bins = self.tokenizer.convert_ids_to_tokens(pred[row, at].tolist())
+                        values = [int(b) if b.isdigit() else BOX_BINS // 2 for b in bins]
+                        decoded = [(v + 0.5) / BOX_BINS * s for v, s in zip(values, (w, h, w, h))]
+                        box_ious.append(box_iou(decoded, torch.as_tensor(box).tolist()))
+        return {"describe_token_acc": 100.0 * correct["describe"][0] / max(1, correct["describe"][1]),
+                "where_token_acc": 100.0 * correct["where"][0] / max(1, correct["where"][1]),
+                "where_box_iou": 100.0 * float(np.mean(box_ious)),
+                "where_box_acc50": 100.0 * float(np.mean(np.asarray(box_ious) >= 0.5))}
 
 
 def synref_tokenizer():
@@ -297,8 +395,14 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     prep = image_prep_for(config)
     data = ConcatDataset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep)])
     cfg = loop_config(profile, "mllm_pretrain", seed, len(data))
+    val = None
+    if profile.diag_expressions:
+        val = val_subset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep, "val")],
+                         profile.diag_expressions)
+    evaluate = None if val is None else (lambda m: m.val_metrics(val, profile.eval_batch_size))
     result = train_loop(module, lambda m, b, r: m(b, r), data, collate_refer, cfg, stage, resume=resume,
-                        desc=f"stage 1 MLLM pretraining (seed {seed})", progress=progress)
+                        desc=f"stage 1 MLLM pretraining (seed {seed})", progress=progress, evaluate=evaluate,
+                        eval_every=profile.diag_every)
     module.llava.save_pretrained(str(llava_dir))
     tokenizer.save_pretrained(str(llava_dir))
     _mark_done(stage, result, output=str(llava_dir))
@@ -311,12 +415,57 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
 
 
 def base_weights(profile: Profile, out: Path, seed: int, resume: bool, progress: bool) -> dict[str, str | None]:
-    """Local weight paths for the PPCR model: stage 0/1 outputs (synthetic) or the profile's paths (paper)."""
+    """Local weight paths for the PPCR model: the shipped foundation (`foundation: shipped`), stage 0/1 outputs
+    (synthetic) or the profile's paths (paper)."""
+    if profile.foundation == "shipped":
+        from ppcr.foundation import shipped_weights
+
+        return shipped_weights(profile.model_config("glamm", seed))
     if profile.data_kind == "synref":
         sam = run_sam_pretrain(profile, out, seed, resume, progress)
         llava = run_mllm_pretrain(profile, out, seed, resume, progress)
         return {"sam_checkpoint": str(sam), "llava_path": str(llava), "tokenizer_path": str(llava)}
     return {k: profile.model.get(k) for k in ("sam_checkpoint", "llava_path", "tokenizer_path")}
+
+
+def evaluate_foundation(profile: Profile, out: Path, seed: int, weights: dict[str, str | None]) -> dict[str, Any]:
+    """Stages 0-1 (trained here or shipped) on this run's val splits: SAM with the ground-truth box and one point
+    per suite (next to filling the box), and the MLLM's answers. Cached in `<out>/stages/seed<k>/foundation_eval-*`."""
+    config = profile.model_config("glamm", seed)
+    local = {k: _relative(v, out) for k, v in weights.items()}
+    stamps = {k: _file_stamp(v) for k, v in weights.items()}
+    fp = profile.fingerprint("foundation_eval", local, stamps, profile.datasets, profile.eval_max_expressions,
+                             data_version(profile))
+    stage = _stage_dir(out, seed, "foundation_eval", fp)
+    if (info := _done(stage)) is not None:
+        return info
+    stage.mkdir(parents=True, exist_ok=True)
+    root = data_root(profile, out)
+    model = build_ris_model(profile, "glamm", seed, weights)
+    model.eval()
+    prep = model.image_prep()
+    per = profile.eval_max_expressions or 10**9
+    figures: dict[str, Any] = {}
+    for spec, ds in zip(profile.datasets, split_datasets(profile, root, prep, "val")):
+        sam = sam_prompt_metrics(model.segmenter, val_subset([ds], per), profile.eval_batch_size)
+        figures.update({f"{spec.name}/{k}": v for k, v in sam.items()})
+    del model
+    mllm = MllmPretrainer(config.replace(llava_path=weights["llava_path"]), load_tokenizer(weights["tokenizer_path"]))
+    val = val_subset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep, "val")],
+                     profile.diag_expressions or 48)
+    figures.update({f"mllm/{k}": v for k, v in mllm.eval().val_metrics(val, profile.eval_batch_size).items()})
+    info = {"final_eval": figures, "weights": local, "foundation": profile.foundation}
+    (stage / "DONE.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _file_stamp(path: str | None) -> str | None:
+    """A cheap identity of a weights file or folder (sizes and mtimes), so re-trained weights are re-evaluated."""
+    if not path:
+        return None
+    p = Path(path)
+    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    return json.dumps([(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()])
 
 
 def build_ris_model(profile: Profile, variant: str, seed: int, weights: dict[str, str | None]) -> PPCRModel:
@@ -354,14 +503,27 @@ def run_ris_stage(profile: Profile, out: Path, variant: str, seed: int, stage_na
         if variant == "glamm":
             load_weights_into(model, init_from)
     cache = sam_cache_for(model, out)
-    data = train_dataset(profile, data_root(profile, out), model.image_prep())
+    root = data_root(profile, out)
+    data = train_dataset(profile, root, model.image_prep())
     cfg = loop_config(profile, stage_name, seed, len(data))
+    val = diagnostics_data(profile, root, model.image_prep())
 
     def step(m: nn.Module, batch: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
         return m(batch, rng=rng, sam_cache=cache).losses
 
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        figures = ris_val_metrics(m, val, profile.eval_batch_size, cache)
+        if m.config.spec.eval_box == "pred":  # the same weights with ground-truth boxes: is SAM still box-led?
+            m.config = m.config.replace(variant="gt_box_oracle")
+            try:
+                figures["oracle_miou"] = ris_val_metrics(m, val, profile.eval_batch_size, cache)["miou"]
+            finally:
+                m.config = m.config.replace(variant=variant)
+        return figures
+
     result = train_loop(model, step, data, collate_refer, cfg, stage, resume=resume,
-                        desc=f"{label} (seed {seed})", progress=progress)
+                        desc=f"{label} (seed {seed})", progress=progress,
+                        evaluate=None if val is None else evaluate, eval_every=profile.diag_every)
     _save_checkpoint(model, profile, ckpt)
     _mark_done(stage, result, output=str(ckpt), variant=variant, fingerprint=fp)
     return ckpt
@@ -378,8 +540,14 @@ def train_variant(profile: Profile, out: str | Path, variant: str, seed: int, re
         variant = "ppcr"
     prepare_data(profile, out, progress)
     weights = base_weights(profile, out, seed, resume, progress)
+    if profile.data_kind == "synref" and profile.diag_expressions:
+        evaluate_foundation(profile, out, seed, weights)
     # fingerprints name upstream stages relative to the run folder, so a copied or moved run keeps its cache
     local = {k: _relative(v, out) for k, v in weights.items()}
+    if profile.foundation == "shipped":  # the shipped files' hashes, not their (install-dependent) paths
+        from ppcr.foundation import load_manifest
+
+        local = {"shipped_foundation": load_manifest()["files"]}
     upstream = json.dumps([local, data_version(profile), profile.datasets], sort_keys=True, default=str)
     glamm = run_ris_stage(profile, out, "glamm", seed, "glamm", None, weights, upstream, resume, progress)
     return run_ris_stage(profile, out, variant, seed, "variants", glamm, weights, _relative(glamm, out), resume,

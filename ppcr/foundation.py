@@ -1,0 +1,176 @@
+"""The shipped foundation: stage 0 (promptable SAM) and stage 1 (the small LLaVA) at the `small` preset.
+
+The paper starts from pretrained SAM ViT-H and LLaVA-1.5-7B; its own training only adds the prompts, the heads and
+LoRA. At small scale nothing pretrained exists, so stages 0-1 make the equivalents. They need a much larger budget
+than the CPU demo can spend, so they are trained once with the `foundation` profile (its own SynRef data, a
+different generator seed from every other profile, so no demo/val image is ever seen) and shipped in
+`ppcr/resources/foundation/` with a manifest:
+
+    python -m ppcr.foundation train            # trains stages 0-1 (cached in runs/foundation), copies, manifests
+    python -m ppcr.foundation verify           # hashes and config match of the shipped files
+
+Profiles with `foundation: shipped` (the demo) start from these files; the others train stages 0-1 themselves.
+The manifest records the command, commit, SynRef generator version, configs, steps, wall time, device, validation
+figures and the sha256 of every file; `verify_foundation` refuses weights whose configs no longer match the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppcr.model.config import PPCRConfig
+
+FOUNDATION_PROFILE = "foundation"
+REGENERATE = "python -m ppcr.foundation train"
+MANIFEST = "manifest.json"
+
+
+class FoundationMismatch(RuntimeError):
+    """The shipped foundation does not match the code (changed configs, missing or altered files)."""
+
+
+def foundation_dir() -> Path:
+    return Path(__file__).resolve().parent / "resources" / "foundation"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_signature(config: PPCRConfig) -> dict[str, Any]:
+    """Everything of a model config that the stage 0-1 weights depend on, plus the stage-1 vocabulary."""
+    from ppcr.training.stages import synref_tokenizer
+
+    vocab = sorted(synref_tokenizer().get_vocab().items())
+    return {
+        "preset": config.preset, "sam": asdict(config.sam), "vision": asdict(config.vision),
+        "text": {k: v for k, v in asdict(config.text).items() if k != "vocab_size"},
+        "system_prompt": config.system_prompt, "vision_feature_layer": config.vision_feature_layer,
+        "projector_hidden_act": config.projector_hidden_act,
+        "vocabulary_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+    }
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def load_manifest(directory: Path | None = None) -> dict[str, Any]:
+    directory = directory or foundation_dir()
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise FoundationMismatch(f"no shipped foundation at {directory} (no {MANIFEST}); make it with: {REGENERATE}")
+    return json.loads(path.read_text())
+
+
+def verify_foundation(config: PPCRConfig, directory: Path | None = None) -> dict[str, Any]:
+    """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest."""
+    directory = directory or foundation_dir()
+    manifest = load_manifest(directory)
+    for rel, digest in manifest["files"].items():
+        path = directory / rel
+        if not path.is_file():
+            raise FoundationMismatch(f"shipped foundation file missing: {path}; regenerate with: {REGENERATE}")
+        if sha256(path) != digest:
+            raise FoundationMismatch(f"shipped foundation file {path} does not match its sha256 in the manifest; "
+                                     f"regenerate with: {REGENERATE}")
+    want, have = _normalise(manifest["config_signature"]), _normalise(config_signature(config))
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise FoundationMismatch(
+            f"the shipped foundation was trained with other {', '.join(diff)} settings than the current "
+            f"{config.preset!r} preset; regenerate the weights with: {REGENERATE}")
+    return manifest
+
+
+def shipped_weights(config: PPCRConfig, directory: Path | None = None) -> dict[str, str]:
+    """Local weight paths of the shipped foundation (verified) for `PPCRModel.build`."""
+    directory = directory or foundation_dir()
+    verify_foundation(config, directory)
+    llava = directory / "llava"
+    return {"sam_checkpoint": str(directory / "sam.safetensors"), "llava_path": str(llava),
+            "tokenizer_path": str(llava)}
+
+
+def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FOUNDATION_PROFILE,
+                     progress: bool = True) -> dict[str, Any]:
+    """Stages 0-1 of `profile_name` (cached under `out`), copied to `dest` with their manifest."""
+    from ppcr.data.synref import GENERATOR_VERSION
+    from ppcr.training.evaluate import device_name, git_commit
+    from ppcr.training.profile import load_profile
+    from ppcr.training.stages import prepare_data, run_mllm_pretrain, run_sam_pretrain
+
+    dest = dest or foundation_dir()
+    profile = load_profile(profile_name)
+    config = profile.model_config("glamm", 0)
+    t0 = time.perf_counter()
+    prepare_data(profile, out, progress)
+    sam = run_sam_pretrain(profile, out, 0, resume=True, progress=progress)
+    llava = run_mllm_pretrain(profile, out, 0, resume=True, progress=progress)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copy2(sam, dest / "sam.safetensors")
+    shutil.copytree(llava, dest / "llava")
+    stages = {}
+    for name, produced in (("sam_pretrain", sam), ("mllm_pretrain", llava)):
+        done = json.loads((produced.parent / "DONE.json").read_text())
+        stages[name] = {k: done.get(k) for k in ("steps", "wall_s", "samples_per_s", "final_losses", "final_eval",
+                                                 "eval_history")}
+        stages[name]["loop_config"] = json.loads((produced.parent / "loop_config.json").read_text())
+    files = {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
+    manifest = {
+        "what": "stage 0 (SAM) and stage 1 (LLaVA) weights of the small preset, trained on SynRef",
+        "command": f"{REGENERATE} --out {out}", "git_commit": git_commit(), "profile": profile_name,
+        "profile_config": profile.to_dict(), "synref_generator_version": GENERATOR_VERSION,
+        "config_signature": config_signature(config), "stages": stages,
+        "device": device_name(torch.device(profile.device if profile.device != "auto" else "cpu")),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "wall_s": round(time.perf_counter() - t0, 1), "files": files,
+    }
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ppcr.foundation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("train", "verify"))
+    parser.add_argument("--out", default="runs/foundation", help="where stages 0-1 train (cached, resumable)")
+    parser.add_argument("--dest", help="where the weights go (default: the package's resources/foundation)")
+    parser.add_argument("--profile", default=FOUNDATION_PROFILE)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    dest = Path(args.dest) if args.dest else None
+    if args.what == "train":
+        manifest = train_foundation(Path(args.out), dest, args.profile, progress=not args.no_progress)
+        print(json.dumps({k: manifest[k] for k in ("wall_s", "files")}, indent=2))
+        return 0
+    from ppcr.model.config import preset_config
+
+    try:
+        manifest = verify_foundation(preset_config("small"), dest)
+    except FoundationMismatch as err:
+        print(f"ppcr.foundation: {err}", file=sys.stderr)
+        return 2
+    print(f"shipped foundation OK: {len(manifest['files'])} files, trained at commit {manifest['git_commit']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

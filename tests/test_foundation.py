@@ -1,0 +1,150 @@
+"""The shipped foundation (stages 0-1 at the `small` preset): hashes, configs, and that its SAM follows box prompts.
+
+The last two tests are the end-to-end check of the box path that the first CPU demo lacked: a trained SAM handed the
+ground-truth box must beat filling that box, and our frames (original -> SAM input -> prompt encoder -> mask at the
+original size) must give what segment-anything's own `SamPredictor` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ppcr.data.synref import generate_suite  # noqa: E402
+from ppcr.data.dataset import ReferSegDataset  # noqa: E402
+from ppcr.data.refer import Refer  # noqa: E402
+from ppcr.foundation import (REGENERATE, FoundationMismatch, config_signature, foundation_dir,  # noqa: E402
+                             load_manifest, sha256, shipped_weights, train_foundation, verify_foundation)
+from ppcr.metrics import mask_iou  # noqa: E402
+from ppcr.model.config import preset_config  # noqa: E402
+from ppcr.model.modeling_ppcr import image_prep_for  # noqa: E402
+from ppcr.model.segmentation import SamSegmenter, build_sam  # noqa: E402
+from ppcr.training.diagnostics import sam_prompt_metrics  # noqa: E402
+
+MAX_MB = 60
+
+
+def test_shipped_files_match_their_manifest_and_the_small_preset():
+    """Fails when a file changed or when the small preset no longer matches; the message names the command."""
+    manifest = verify_foundation(preset_config("small"))
+    sizes = sum((foundation_dir() / rel).stat().st_size for rel in manifest["files"])
+    assert sizes <= MAX_MB * 2**20, f"shipped foundation is {sizes / 2**20:.1f} MB (at most {MAX_MB})"
+    for key in ("command", "git_commit", "synref_generator_version", "profile_config", "stages", "device",
+                "wall_s", "config_signature"):
+        assert manifest.get(key), key
+    for stage in ("sam_pretrain", "mllm_pretrain"):
+        assert manifest["stages"][stage]["steps"] > 0 and manifest["stages"][stage]["final_eval"]
+
+
+def _fake_foundation(tmp_path: Path) -> Path:
+    dest = tmp_path / "foundation"
+    (dest / "llava").mkdir(parents=True)
+    (dest / "sam.safetensors").write_bytes(b"sam")
+    (dest / "llava" / "model.safetensors").write_bytes(b"llava")
+    files = {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
+    manifest = {"files": files, "config_signature": config_signature(preset_config("small"))}
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_mismatches_are_refused_with_the_regenerate_command(tmp_path):
+    dest = _fake_foundation(tmp_path)
+    small = preset_config("small")
+    verify_foundation(small, dest)
+    paths = shipped_weights(small, dest)
+    assert Path(paths["sam_checkpoint"]).is_file() and Path(paths["llava_path"]).is_dir()
+
+    deeper = small.replace(sam=replace(small.sam, encoder_depth=small.sam.encoder_depth + 1))
+    with pytest.raises(FoundationMismatch, match="sam") as err:
+        verify_foundation(deeper, dest)
+    assert REGENERATE in str(err.value)
+
+    (dest / "sam.safetensors").write_bytes(b"changed")
+    with pytest.raises(FoundationMismatch, match="sha256") as err:
+        verify_foundation(small, dest)
+    assert REGENERATE in str(err.value)
+
+    shutil.rmtree(dest / "llava")
+    with pytest.raises(FoundationMismatch, match="missing"):
+        verify_foundation(small, dest)
+    (dest / "manifest.json").unlink()
+    with pytest.raises(FoundationMismatch, match="no shipped foundation"):
+        load_manifest(dest)
+
+
+def test_train_foundation_writes_a_verifiable_manifest(tmp_path):
+    """The regenerate command's code path at the smoke profile (tiny preset, seconds)."""
+    from ppcr.training.profile import load_profile
+
+    dest = tmp_path / "shipped"
+    manifest = train_foundation(tmp_path / "run", dest, "smoke", progress=False)
+    assert {"sam.safetensors", "llava/config.json"} <= set(manifest["files"])
+    assert manifest["stages"]["sam_pretrain"]["steps"] == load_profile("smoke").stage("sam_pretrain").steps
+    tiny = load_profile("smoke").model_config("glamm", 0)
+    verify_foundation(tiny, dest)
+    with pytest.raises(FoundationMismatch):
+        verify_foundation(preset_config("small"), dest)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shipped SAM and the box path
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_sam() -> SamSegmenter:
+    config = preset_config("small")
+    sam = build_sam(config.sam, shipped_weights(config)["sam_checkpoint"])
+    return SamSegmenter(sam).eval()
+
+
+@pytest.fixture(scope="module")
+def synref_val(tmp_path_factory) -> ReferSegDataset:
+    """Fresh SynRef scenes (a seed no profile uses) at the demo's image size."""
+    root = tmp_path_factory.mktemp("synref")
+    generate_suite("synref", root, n_refs=60, seed=123, image_size=256, progress=False)
+    return ReferSegDataset(Refer(root, "synref", "unc"), "val", image_prep_for(preset_config("small")))
+
+
+def test_shipped_sam_with_the_ground_truth_box_beats_filling_the_box(shipped_sam, synref_val):
+    figures = sam_prompt_metrics(shipped_sam, synref_val, batch_size=16)
+    assert figures["miou_box"] > figures["miou_box_fill"] + 5.0, figures
+
+
+def test_box_frames_match_segment_anythings_predictor(shipped_sam, synref_val):
+    """Our path (ImagePrep.sam -> boxes_to_input_frame -> prompt encoder -> decoder -> postprocess) == SamPredictor
+    with the same image and box, up to the image resize (PIL in segment-anything, ours may differ by a grey level)."""
+    from segment_anything import SamPredictor
+
+    seg = shipped_sam
+    predictor = SamPredictor(seg.sam)
+    pe = seg.sam.prompt_encoder
+    agreements = []
+    for i in range(0, min(len(synref_val), 24), 3):
+        item = synref_val[i]
+        image = synref_val.image(item["meta"]["image_id"])  # (H, W, 3) uint8
+        size = tuple(item["original_size"])
+        box = torch.as_tensor(item["box"], dtype=torch.float32)[None]
+        # the frames: box in SAM's input frame equals segment-anything's ResizeLongestSide
+        ours_box = seg.boxes_to_input_frame(box, [size])
+        theirs_box = predictor.transform.apply_boxes_torch(box, size)
+        torch.testing.assert_close(ours_box, theirs_box)
+        assert tuple(item["sam_input_size"]) == predictor.transform.get_preprocess_shape(*size, seg.img_size)
+        with torch.no_grad():
+            emb = seg.encode_images(item["sam_pixel_values"][None])
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *pe.image_embedding_size)
+            low, _ = seg.decode_prompts(emb, torch.zeros(1, dtype=torch.long), pe._embed_boxes(ours_box), dense)
+            ours = seg.postprocess(low, [item["sam_input_size"]], [size])[0] > 0
+            predictor.set_image(image)
+            theirs, _, _ = predictor.predict(box=box[0].numpy(), multimask_output=False)
+        agreements.append(mask_iou(ours.numpy(), theirs[0]))
+    assert float(np.mean(agreements)) > 0.95, agreements
