@@ -112,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--out", help="run folder (default runs/<profile>)")
     parser.add_argument("--data-root")
+    parser.add_argument("--foundation", choices=("train", "shipped"),
+                        help="stages 0-1: train them in this run, or start from the shipped weights (profile default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    profile = load_profile(args.profile, {"data_root": args.data_root})
+    profile = load_profile(args.profile, {"data_root": args.data_root, "foundation": args.foundation})
     out = Path(args.out or f"runs/{profile.name}")
     progress = not args.no_progress
     if args.what == "data":

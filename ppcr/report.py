@@ -215,6 +215,7 @@ TABLE_STYLE = (
     "table.ppcr td.left,table.ppcr th.left{text-align:left}"
     "table.ppcr tr.paper td{background:#f4f4f4;color:#333}"
     "table.ppcr tr.reproduced td{background:#eef6ff;font-weight:600}"
+    "table.ppcr tr.sanity td{background:#fff8e1;font-style:italic}"
     "table.ppcr tr.first td{border-top:2px solid #555}"
     "p.ppcr-caption{font-size:0.8em;color:#444;margin-top:2px}"
     "div.ppcr-scroll{overflow-x:auto;max-width:100%}"
@@ -396,9 +397,127 @@ def _difference_row(a: dict[str, Any], b: dict[str, Any], label: str, source: st
     return row
 
 
+# sanity baselines: the IoU of simply filling a box with foreground (per-expression `gt_box_fill_iou` /
+# `pred_box_fill_iou` of the results rows); a model that segments no better than that adds nothing over its box
+SANITY_FIELDS = {"gt": ("gt_box_fill_iou", "gt_box"), "pred": ("pred_box_fill_iou", "pred_box")}
+
+
+def pixels_in_box(box: list[float], height: int, width: int) -> int:
+    """Pixels of an (height, width) image whose centres lie inside an xyxy box, as
+    `ppcr.training.diagnostics.box_fill_mask` fills them."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    nx = min(width - 1, math.floor(x1 - 0.5)) - max(0, math.ceil(x0 - 0.5)) + 1
+    ny = min(height - 1, math.floor(y1 - 0.5)) - max(0, math.ceil(y0 - 0.5)) + 1
+    return max(0, nx) * max(0, ny)
+
+
+def rle_area(rle: dict[str, Any]) -> int:
+    """Foreground pixels of a COCO RLE (as `ppcr.training.evaluate.encode_rle` stores it)."""
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"]
+    return int(mask_utils.area({"size": list(rle["size"]),
+                                "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+
+
+def box_fill_inter_union(row: dict[str, Any], which: str) -> tuple[float, float] | None:
+    """Intersection and union (pixels) of the filled ground-truth (`which` "gt") or predicted ("pred") box with the
+    target mask, derived from what a results row stores; None when the row lacks a field it needs (old runs).
+
+    The rows keep the fill IoU f, the box and, for the predicted mask P, its intersection I and union U with the
+    target G and its RLE. Then |G| = U + I - |P|, the box B covers `pixels_in_box` pixels, and the fill's
+    intersection is f (|B| + |G|) / (1 + f) and its union |B| + |G| minus that.
+    """
+    iou_field, box_field = SANITY_FIELDS[which]
+    f, box, rle = row.get(iou_field), row.get(box_field), row.get("mask_rle")
+    if f is None or box is None or rle is None or row.get("union") is None or row.get("intersection") is None:
+        return None
+    target = int(row["union"]) + int(row["intersection"]) - rle_area(rle)
+    filled = pixels_in_box(box, *rle["size"])
+    inter = float(f) * (filled + target) / (1.0 + float(f))
+    return inter, filled + target - inter
+
+
+def _fill_figure(rows: list[dict[str, Any]], which: str, metric: str) -> float | None:
+    """mIoU (mean fill IoU) or oIoU (summed intersections over summed unions) of box filling, in %; None when
+    there are no rows or one lacks the fields."""
+    if not rows:
+        return None
+    if metric == "mIoU":
+        values = [r.get(SANITY_FIELDS[which][0]) for r in rows]
+        return None if any(v is None for v in values) else 100.0 * statistics.fmean(values)
+    if metric == "oIoU":
+        pairs = [box_fill_inter_union(r, which) for r in rows]
+        if any(p is None for p in pairs):
+            return None
+        union = sum(u for _, u in pairs)
+        return 100.0 * sum(i for i, _ in pairs) / union if union > 0 else None
+    return None
+
+
+def _unique_rows(study: Study, variant: str, key: str) -> list[dict[str, Any]]:
+    """`variant`'s rows of one dataset/split over every seed, each expression once (first seed's row)."""
+    seen: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for seed in sorted(study.results.get(variant, {})):
+        for r in study.rows(variant, key, seed):
+            seen.setdefault((r.get("ref_id"), r.get("sent_id")), r)
+    return list(seen.values())
+
+
+def fill_gt_cell(study: Study, variants: list[str], key: str, metric: str) -> float | None:
+    """mIoU or oIoU (%) of filling the ground-truth box, over the expressions of one dataset/split (read from the
+    first of `variants` whose rows have the field: the box does not depend on the model)."""
+    for variant in variants:
+        value = _fill_figure(_unique_rows(study, variant, key), "gt", metric)
+        if value is not None:
+            return value
+    return None
+
+
+def fill_pred_cell(study: Study, variant: str, key: str, metric: str) -> MeanStd | None:
+    """mIoU or oIoU (%) of filling `variant`'s own predicted box, mean and std over the study's seeds."""
+    values = [v for seed in sorted(study.results.get(variant, {}))
+              if (v := _fill_figure(study.rows(variant, key, seed), "pred", metric)) is not None]
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return MeanStd(float(statistics.fmean(values)), float(std), len(values))
+
+
+def sanity_rows(study: Study, variants: list[str], lead: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sanity-baseline rows of this run: "fill GT box" and "fill predicted box (<variant>)" for each of
+    `variants` that predicts a box (not the oracle, whose box is the ground truth). `lead`: the lead cells of each
+    row, by "gt" or variant. Rows whose results lack the fields (older runs) are left out."""
+    present = [v for v in variants if v in study.results]
+    source = f"sanity baseline ({study.profile})"
+    candidates = [("gt", "fill GT box", lambda k, m: fill_gt_cell(study, present, k, m))]
+    candidates += [(v, f"fill predicted box ({v})", lambda k, m, v=v: fill_pred_cell(study, v, k, m))
+                   for v in present if v != "gt_box_oracle"]
+    rows = []
+    for name, label, figure in candidates:
+        row: dict[str, Any] = {"method": label, "source": source, **lead.get(name, {})}
+        for d, m, s in paper_columns():
+            row[column_key(d, m, s)] = figure(study_key(study, d, s), m)
+        if any(row[column_key(d, m, s)] is not None for d, m, s in paper_columns()):
+            rows.append(row)
+    return rows
+
+
+def sanity_caption(rows: list[dict[str, Any]]) -> str:
+    """What the sanity-baseline rows are (empty without such rows)."""
+    if not rows:
+        return ""
+    return ("Yellow rows: sanity baselines of this run, not the paper's: the mask is the whole box, filled with "
+            "foreground \u2013 the ground-truth box (the same expressions for every variant) or a variant's own "
+            "predicted box (mean over seeds). A variant whose mIoU is not above its filled box gets nothing from "
+            "SAM beyond the box. oIoU of these rows is derived from the stored rows (intersection, union, "
+            "predicted-mask RLE, box); \u2013 where a results file lacks the fields. ")
+
+
 def table1(study: Study) -> Table:
     """Table 1: every method of the paper (†: excerpted from the original papers) and this run's GLaMM-style
-    baseline and PPCR, with the PPCR - GLaMM difference ("Absolute") for both."""
+    baseline and PPCR, with the PPCR - GLaMM difference ("Absolute") for both, and this run's sanity baselines
+    (filling the ground-truth box / PPCR's predicted box)."""
     paper = _paper_rows("table1")
     by_name = {r["method"].rstrip("\u2020"): r for r in paper}
     rows = paper + [_difference_row(by_name["GLaMM"], by_name["PPCR"], "Absolute (PPCR \u2212 GLaMM)", "paper",
@@ -410,28 +529,36 @@ def table1(study: Study) -> Table:
     if len(repro) == 2:
         rows.append(_difference_row(repro[0], repro[1], "Absolute (PPCR \u2212 GLaMM-style)", repro[0]["source"],
                                     {"mllm": ""}))
+    sanity = sanity_rows(study, list(TABLE1_VARIANTS.values()),
+                         {name: {"mllm": ""} for name in ("gt", *TABLE1_VARIANTS.values())})
+    rows += sanity
     return Table(
         title="Table 1: referring image segmentation, paper vs this run",
         columns=_columns(study, [Column("method", "Method"), Column("mllm", "MLLM"), Column("source", "source")]),
         rows=rows,
         caption=("Grey rows: the paper's Table 1 (values as printed; \u2020 = excerpted by the paper from the "
-                 "original publication; \u2013 = not reported). Blue rows: this run. " + reproduced_caption(study)),
+                 "original publication; \u2013 = not reported). Blue rows: this run. " + sanity_caption(sanity)
+                 + reproduced_caption(study)),
     )
 
 
-def _ablation_table(study: Study, table: str, variants: dict[str, str], title: str, what: str) -> Table:
+def _ablation_table(study: Study, table: str, variants: dict[str, str], title: str, what: str,
+                    sanity: bool = False) -> Table:
+    """A paper ablation table beside this run's variants; `sanity` adds the box-filling sanity-baseline rows."""
     paper = _paper_rows(table)
     for row in paper:
         row["variant"] = variants.get(row["method"].rstrip("\u2020"), "")
     repro = [_reproduced_row(study, v, VARIANT_LABELS[v], {"variant": v}) for v in variants.values()
              if v in study.results]
+    leads = {"gt": {"variant": ""}, **{v: {"variant": v} for v in variants.values()}}
+    extra = sanity_rows(study, list(variants.values()), leads) if sanity else []
     return Table(
         title=title,
         columns=_columns(study, [Column("method", "Variant"), Column("variant", "variant id"),
                                  Column("source", "source")]),
-        rows=paper + repro,
+        rows=paper + repro + extra,
         caption=(f"Grey rows: the paper's {what} (values as printed). Blue rows: the same variants trained by this "
-                 "project with an identical recipe (same initialisation, steps and data). "
+                 "project with an identical recipe (same initialisation, steps and data). " + sanity_caption(extra)
                  + reproduced_caption(study)),
     )
 
@@ -443,8 +570,9 @@ def table2(study: Study) -> Table:
 
 
 def table3(study: Study) -> Table:
-    """Table 3 (spatial grounding): attn_box, gt_box_oracle, ppcr."""
-    return _ablation_table(study, "table3", TABLE3_VARIANTS, "Table 3: ablation of spatial grounding", "Table 3")
+    """Table 3 (spatial grounding): attn_box, gt_box_oracle, ppcr, and the box-filling sanity baselines."""
+    return _ablation_table(study, "table3", TABLE3_VARIANTS, "Table 3: ablation of spatial grounding", "Table 3",
+                           sanity=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

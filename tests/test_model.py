@@ -138,6 +138,38 @@ def test_batched_decoder_equals_segment_anything(models):
             torch.testing.assert_close(iou[i:i + 1], ref_iou, rtol=1e-5, atol=1e-5)
 
 
+def test_training_box_prompt_modes(models):
+    """What SAM is prompted with in training: the predicted box (the paper), the jittered ground-truth box, or a
+    mix; evaluation always uses the variant's own box. Training SAM only on an untrained box head's boxes taught
+    it to ignore its box prompt in the first CPU demo."""
+    model = models["ppcr"]
+    batch = make_batch(model)
+    gt = torch.stack(batch["box"])
+    wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
+    saved = model.config
+    try:
+        model.train()
+        for mode, prob in (("pred", 0.5), ("gt", 0.5), ("mixed", 1.0), ("mixed", 0.0)):
+            model.config = saved.replace(train_box_prompt=mode, train_gt_box_prob=prob, train_gt_box_jitter=0.1)
+            torch.manual_seed(0)
+            st = model(batch, rng=random.Random(0)).stages
+            predicted = st.boxes_norm.detach() * torch.tensor([[60, 40, 60, 40], [60, 40, 60, 40], [50, 50, 50, 50]])
+            near_gt = bool(((st.sam_boxes - gt).abs() <= 0.1 * wh + 1e-4).all())
+            if mode == "gt" or (mode == "mixed" and prob == 1.0):
+                assert near_gt and not torch.equal(st.sam_boxes, gt)  # jittered, within 10% of the box size
+            else:
+                torch.testing.assert_close(st.sam_boxes.detach(), predicted)
+        model.config = saved.replace(train_box_prompt="gt", train_gt_box_jitter=0.0)
+        torch.testing.assert_close(model(batch, rng=random.Random(0)).stages.sam_boxes, gt)
+        model.eval()  # evaluation: the variant's own (predicted) box whatever the training mode
+        with torch.no_grad():
+            st = model(batch, compute_loss=False).stages
+        assert not torch.allclose(st.sam_boxes, gt)
+    finally:
+        model.config = saved
+        model.eval()
+
+
 def test_gt_box_oracle_uses_the_given_box(models):
     model = models["gt_box_oracle"]
     model.eval()
