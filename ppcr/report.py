@@ -742,7 +742,18 @@ def seed_summary(study: Study, metrics: tuple[str, ...] = ("oIoU", "mIoU", "P@0.
 
 # (baseline, candidate): the interval is for candidate - baseline
 BOOTSTRAP_PAIRS: tuple[tuple[str, str], ...] = (("glamm", "ppcr"), ("spatial_re", "ppcr"),
-                                                ("spatial_re", "spatial_re_seg"), ("ppcr", "attn_box"))
+                                                ("spatial_re", "spatial_re_seg"), ("ppcr", "attn_box"),
+                                                ("ppcr", "gt_box_oracle"))
+
+# The paper's claims as (claim, baseline, candidate, direction): "greater" = candidate beats baseline,
+# "not_greater" = candidate is no better than baseline. Tables 1-3 of the paper, val mIoU.
+CLAIMS: tuple[tuple[str, str, str, str], ...] = (
+    ("PPCR beats semantic-only (GLaMM-style) prompting", "glamm", "ppcr", "greater"),
+    ("the spatial prompt works better from P_seg_txt than from the expression", "spatial_re", "ppcr", "greater"),
+    ("adding the expression to P_seg_txt does not help", "ppcr", "spatial_re_seg", "not_greater"),
+    ("an attention box head is no better than the MLP (F_Map)", "ppcr", "attn_box", "not_greater"),
+    ("the ground-truth box (oracle) is far better than the predicted one", "ppcr", "gt_box_oracle", "greater"),
+)
 
 
 def paired_rows(study: Study, baseline: str, candidate: str, key: str,
@@ -794,6 +805,68 @@ def bootstrap_gains(study: Study, pairs: tuple[tuple[str, str], ...] = BOOTSTRAP
                  f"{n_boot} paired resamples of (seed, ref_id, sent_id) pairs, percentile intervals. The paper "
                  f"reports no intervals; its gains over GLaMM are 0.3-1.9 points. " + reproduced_caption(study)),
     )
+
+
+def claim_verdict(direction: str, ci_low: float, ci_high: float) -> str:
+    """"supported" / "contradicted" / "undecided" for a claim's direction and a 95% interval of candidate - baseline."""
+    if direction == "greater":
+        return "supported" if ci_low > 0 else "contradicted" if ci_high < 0 else "undecided"
+    if direction == "not_greater":
+        return "contradicted" if ci_low > 0 else "supported"
+    raise ValueError(f"unknown claim direction {direction!r}")
+
+
+def claims_table(study: Study, metric: str = "mIoU", n_boot: int = 2000, seed: int = 0) -> Table:
+    """Which of the paper's claims this run supports, per dataset/split, from paired bootstrap intervals."""
+    rows = []
+    for claim, baseline, candidate, direction in CLAIMS:
+        if baseline not in study.results or candidate not in study.results:
+            continue
+        for key in study.keys:
+            a, b = paired_rows(study, baseline, candidate, key)
+            if not a:
+                continue
+            kwargs: dict[str, Any] = {}
+            if metric == "oIoU":
+                kwargs = {"a_inter": [r["intersection"] for r in a], "a_union": [r["union"] for r in a],
+                          "b_inter": [r["intersection"] for r in b], "b_union": [r["union"] for r in b]}
+            res = paired_bootstrap([r["iou"] for r in a], [r["iou"] for r in b], metric=metric, n_boot=n_boot,
+                                   seed=seed, **kwargs)
+            paper = _paper_delta(baseline, candidate, key)
+            rows.append({"claim": claim, "comparison": f"{candidate} \u2212 {baseline}", "split": key, "n": len(a),
+                         "delta": res["delta"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
+                         "paper_delta": paper, "verdict": claim_verdict(direction, res["ci_low"], res["ci_high"])})
+    return Table(
+        title=f"Which of the paper's claims this run supports ({metric})",
+        columns=[Column("claim", "claim"), Column("comparison", "comparison"), Column("split", "dataset/split"),
+                 Column("n", "pairs"), Column("delta", "\u0394 (pp)"), Column("ci_low", "95% CI low"),
+                 Column("ci_high", "95% CI high"), Column("paper_delta", "paper's \u0394 (pp)"),
+                 Column("verdict", "verdict")],
+        rows=rows,
+        caption=("supported: the paired-bootstrap 95% interval of candidate \u2212 baseline lies on the claimed side "
+                 "of 0 (for 'no better' claims: the candidate is not significantly better); contradicted: it lies "
+                 "on the other side; undecided: it contains 0. The paper's \u0394 comes from its Tables 2-3 on the "
+                 "split the suite stands in for (synref: refcoco, synref+: refcoco+, synrefg: refcocog), where "
+                 "the paper reports both rows. " + reproduced_caption(study)),
+    )
+
+
+def _paper_delta(baseline: str, candidate: str, key: str) -> float | None:
+    """The paper's candidate - baseline (mIoU, Tables 2-3) on the real dataset and split a SynRef "suite/split"
+    stands in for (synref -> refcoco, synref+ -> refcoco+, synrefg val/test -> refcocog val(U)/test(U))."""
+    suite, _, split = key.partition("/")
+    real = {v: k for k, v in SYNREF_OF.items()}.get(suite)
+    split = f"{split}(U)" if real == "refcocog" else split
+    values: dict[str, float] = {}
+    for row in paper_tables():
+        variant = {**TABLE2_VARIANTS, **TABLE3_VARIANTS}.get(row["variant"]) if row["table"] in ("table2", "table3") \
+            else None
+        if variant and row["dataset"] == real and row["metric"] == "mIoU" and row["split"] == split \
+                and row["value"] is not None:
+            values[variant] = row["value"]
+    if baseline not in values or candidate not in values:
+        return None
+    return round(values[candidate] - values[baseline], 2)
 
 
 def _group_of(row: dict[str, Any], by: str) -> str:

@@ -117,12 +117,34 @@ def test_seed_summary_and_bootstrap(study: report.Study) -> None:
     gains = report.bootstrap_gains(study, n_boot=200)
     comparisons = {r["comparison"] for r in gains.rows}
     assert comparisons == {"ppcr \u2212 glamm", "ppcr \u2212 spatial_re", "spatial_re_seg \u2212 spatial_re",
-                           "attn_box \u2212 ppcr"}
+                           "attn_box \u2212 ppcr", "gt_box_oracle \u2212 ppcr"}
     for r in gains.rows:
         assert r["ci_low"] <= r["delta"] + 1e-9 or math.isclose(r["ci_low"], r["delta"])
         assert r["ci_low"] <= r["ci_high"] and r["n"] > 0
         assert r["excludes_0"] == (r["ci_low"] > 0 or r["ci_high"] < 0)
     assert {r["metric"] for r in gains.rows} == {"mIoU", "oIoU"}
+
+
+def test_claims_table(study: report.Study) -> None:
+    claims = report.claims_table(study, n_boot=200)
+    assert {r["claim"] for r in claims.rows} == {c[0] for c in report.CLAIMS}
+    for r in claims.rows:
+        assert r["verdict"] in {"supported", "contradicted", "undecided"} and r["n"] > 0
+        assert r["ci_low"] <= r["ci_high"]
+    oracle = {r["split"]: r["paper_delta"] for r in claims.rows if r["comparison"] == "gt_box_oracle \u2212 ppcr"}
+    assert oracle["synref/val"] == round(87.79 - 81.1, 2)  # the paper's refcoco val rows
+
+
+def test_claim_verdicts() -> None:
+    assert report.claim_verdict("greater", 0.5, 2.0) == "supported"
+    assert report.claim_verdict("greater", -2.0, -0.1) == "contradicted"
+    assert report.claim_verdict("greater", -1.0, 1.0) == "undecided"
+    assert report.claim_verdict("not_greater", -1.0, 1.0) == "supported"
+    assert report.claim_verdict("not_greater", 0.2, 1.0) == "contradicted"
+    with pytest.raises(ValueError):
+        report.claim_verdict("less", 0, 1)
+    assert report._paper_delta("glamm", "ppcr", "synref/val") == round(81.1 - 80.76, 2)
+    assert report._paper_delta("ppcr", "gt_box_oracle", "synref+/val") == round(87.58 - 74.34, 2)
 
 
 def test_breakdowns(study: report.Study) -> None:
