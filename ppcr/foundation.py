@@ -130,8 +130,8 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     stages = {}
     for name, produced in (("sam_pretrain", sam), ("mllm_pretrain", llava)):
         done = json.loads((produced.parent / "DONE.json").read_text())
-        stages[name] = {k: done.get(k) for k in ("steps", "wall_s", "samples_per_s", "final_losses", "final_eval",
-                                                 "eval_history")}
+        stages[name] = {k: done.get(k) for k in ("steps", "resumed_from", "wall_s", "samples_per_s", "final_losses",
+                                                 "final_eval", "eval_history")}
         stages[name]["loop_config"] = json.loads((produced.parent / "loop_config.json").read_text())
     files = {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
     manifest = {
@@ -141,7 +141,10 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "config_signature": config_signature(config), "stages": stages,
         "device": device_name(torch.device(profile.device if profile.device != "auto" else "cpu")),
         "torch": torch.__version__, "python": platform.python_version(),
-        "wall_s": round(time.perf_counter() - t0, 1), "files": files,
+        "wall_s": round(sum(st["wall_s"] or 0.0 for st in stages.values()), 1),
+        "wall_note": ("training seconds of each stage's last uninterrupted segment; a stage with resumed_from > 0 "
+                      "was resumed from that step's checkpoint and its earlier segments are not counted"),
+        "copy_wall_s": round(time.perf_counter() - t0, 1), "files": files,
     }
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest

@@ -328,10 +328,14 @@ def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
+    """The rows of a log CSV up to step `upto` (resume); `step` stays an int as in rows written this run."""
     if not path.is_file():
         return []
     with open(path) as f:
-        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if float(r["step"]) <= upto]
+        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if float(r["step"]) <= upto]
+    for r in rows:
+        r["step"] = int(r["step"])
+    return rows
 
 
 def mean_loss(history: list[dict[str, float]], key: str = "total", first: bool = True, n: int = 3) -> float:
