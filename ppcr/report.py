@@ -359,9 +359,22 @@ def reproduced_caption(study: Study) -> str:
         text += ("Columns map RefCOCO ~ synref, RefCOCO+ ~ synref+, RefCOCOg Val(U)/Test(U) ~ synrefg umd val/test: "
                  "the reproduced rows are SynRef results of a small model, not RefCOCO numbers, and are not "
                  "comparable in absolute value with the paper's rows; compare the order of the variants. ")
+    text += foundation_text(study)
     if study.profile == "smoke":
         text += "The smoke profile trains for a few steps only: its numbers mean nothing (often 0). "
     return text
+
+
+def foundation_text(study: Study) -> str:
+    """Where the run's starting weights (the paper's pretrained SAM / LLaVA) came from, in one sentence."""
+    cfg = study.index.get("profile_config", {})
+    if not study.is_synthetic:
+        return "Starting weights: the profile's local LLaVA and SAM paths. "
+    if cfg.get("foundation") == "shipped":
+        return ("Starting weights (stand-ins for pretrained SAM and LLaVA): the shipped foundation, stages 0-1 of the "
+                "small preset trained on separate SynRef scenes (ppcr/resources/foundation/manifest.json; "
+                "regenerate: python -m ppcr.foundation train). ")
+    return "Starting weights: stages 0-1 trained inside this run (its own SynRef training split). "
 
 
 def _reproduced_row(study: Study, variant: str, label: str, lead: dict[str, Any]) -> dict[str, Any]:

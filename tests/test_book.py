@@ -63,6 +63,8 @@ def test_table1_has_paper_and_reproduced_rows(study: report.Study) -> None:
     key = report.column_key("refcocog", "mIoU", "test(U)")
     assert isinstance(repro[1][key], report.MeanStd)
     assert "not RefCOCO" in t.caption and "smoke" in t.caption and study.commit in t.caption
+    assert "Starting weights: stages 0-1 trained inside this run" in t.caption  # smoke: foundation: train
+    assert "Starting weights" in report.table2(study).caption and "Starting weights" in report.table3(study).caption
     html_text = report.to_html(t)
     assert html_text.count("<tr class=\"paper") == 14 and "RefCOCO ~ synref" in html_text
     assert "| Method |" in report.to_markdown(t)
