@@ -783,6 +783,16 @@ def paired_rows(study: Study, baseline: str, candidate: str, key: str,
     return a_rows, b_rows
 
 
+def _bootstrap_rows(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int) -> dict[str, float]:
+    """`paired_bootstrap` of two variants' paired prediction rows (oIoU also needs their intersections/unions)."""
+    kwargs: dict[str, Any] = {}
+    if metric == "oIoU":
+        kwargs = {"a_inter": [r["intersection"] for r in a], "a_union": [r["union"] for r in a],
+                  "b_inter": [r["intersection"] for r in b], "b_union": [r["union"] for r in b]}
+    return paired_bootstrap([r["iou"] for r in a], [r["iou"] for r in b], metric=metric, n_boot=n_boot, seed=seed,
+                            **kwargs)
+
+
 def bootstrap_gains(study: Study, pairs: tuple[tuple[str, str], ...] = BOOTSTRAP_PAIRS,
                     metrics: tuple[str, ...] = ("mIoU", "oIoU"), n_boot: int = 2000, seed: int = 0) -> Table:
     """Paired bootstrap 95% intervals of candidate - baseline (percentage points) per dataset/split and metric,
@@ -796,12 +806,7 @@ def bootstrap_gains(study: Study, pairs: tuple[tuple[str, str], ...] = BOOTSTRAP
             if not a:
                 continue
             for metric in metrics:
-                kwargs: dict[str, Any] = {}
-                if metric == "oIoU":
-                    kwargs = {"a_inter": [r["intersection"] for r in a], "a_union": [r["union"] for r in a],
-                              "b_inter": [r["intersection"] for r in b], "b_union": [r["union"] for r in b]}
-                res = paired_bootstrap([r["iou"] for r in a], [r["iou"] for r in b], metric=metric, n_boot=n_boot,
-                                       seed=seed, **kwargs)
+                res = _bootstrap_rows(a, b, metric, n_boot, seed)
                 excludes = res["ci_low"] > 0 or res["ci_high"] < 0
                 verdict = ("better" if res["ci_low"] > 0 else "worse") if excludes else "no clear difference"
                 rows.append({"comparison": f"{candidate} \u2212 {baseline}", "split": key, "metric": metric,
@@ -839,12 +844,7 @@ def claims_table(study: Study, metric: str = "mIoU", n_boot: int = 2000, seed: i
             a, b = paired_rows(study, baseline, candidate, key)
             if not a:
                 continue
-            kwargs: dict[str, Any] = {}
-            if metric == "oIoU":
-                kwargs = {"a_inter": [r["intersection"] for r in a], "a_union": [r["union"] for r in a],
-                          "b_inter": [r["intersection"] for r in b], "b_union": [r["union"] for r in b]}
-            res = paired_bootstrap([r["iou"] for r in a], [r["iou"] for r in b], metric=metric, n_boot=n_boot,
-                                   seed=seed, **kwargs)
+            res = _bootstrap_rows(a, b, metric, n_boot, seed)
             paper = _paper_delta(baseline, candidate, key)
             rows.append({"claim": claim, "comparison": f"{candidate} \u2212 {baseline}", "split": key, "n": len(a),
                          "delta": res["delta"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
@@ -870,10 +870,10 @@ def _paper_delta(baseline: str, candidate: str, key: str) -> float | None:
     suite, _, split = key.partition("/")
     real = {v: k for k, v in SYNREF_OF.items()}.get(suite)
     split = f"{split}(U)" if real == "refcocog" else split
+    ours = {**TABLE2_VARIANTS, **TABLE3_VARIANTS}
     values: dict[str, float] = {}
     for row in paper_tables():
-        variant = {**TABLE2_VARIANTS, **TABLE3_VARIANTS}.get(row["variant"]) if row["table"] in ("table2", "table3") \
-            else None
+        variant = ours.get(row["variant"]) if row["table"] in ("table2", "table3") else None
         if variant and row["dataset"] == real and row["metric"] == "mIoU" and row["split"] == split \
                 and row["value"] is not None:
             values[variant] = row["value"]
