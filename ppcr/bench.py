@@ -225,16 +225,32 @@ def padded_tokens(lengths: list[int], batch_size: int) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # measurements
 # ---------------------------------------------------------------------------------------------------------------
-def bench_throughput(model: PPCRModel, work: Workload, batch_sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+PATHS = {"prefix_cache": True, "no_prefix_cache": False}  # evaluation paths timed side by side
+
+
+def bench_throughput(model: PPCRModel, work: Workload, batch_sizes: list[int], repeats: int,
+                     paths: dict[str, bool] = PATHS) -> dict[str, list[dict[str, Any]]]:
+    """Expressions/s of each evaluation path (`model.prefix_cache` on / off) per batch size. The paths' timed
+    repeats alternate, so a slow spell of a shared machine hits both alike and their ratio stays meaningful."""
     device = model.device
-    rows = []
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
     for b in batch_sizes:
-        evaluate_workload(model, work.subset(min(len(work.items), 2 * b)), b)  # warm-up
-        times = [timed(lambda: evaluate_workload(model, work, b), device) for _ in range(repeats)]
-        median = statistics.median(times)
-        rows.append({"batch_size": b, "expressions": len(work.items), "images": work.num_images,
-                     "times_s": times, "median_s": median, "expressions_per_s": len(work.items) / median})
-        print(f"  eval batch {b:>4}: {len(work.items) / median:10.2f} expr/s", file=sys.stderr, flush=True)
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for name, on in paths.items():  # warm-up
+            model.prefix_cache = on
+            evaluate_workload(model, work.subset(min(len(work.items), 2 * b)), b)
+        for _ in range(repeats):
+            for name, on in paths.items():
+                model.prefix_cache = on
+                times[name].append(timed(lambda: evaluate_workload(model, work, b), device))
+        for name in paths:
+            median = statistics.median(times[name])
+            rows[name].append({"batch_size": b, "expressions": len(work.items), "images": work.num_images,
+                               "times_s": times[name], "median_s": median,
+                               "expressions_per_s": len(work.items) / median})
+        print(f"  eval batch {b:>4}: " + ", ".join(f"{n} {r[-1]['expressions_per_s']:.2f} expr/s"
+                                                    for n, r in rows.items()), file=sys.stderr, flush=True)
+    model.prefix_cache = True
     return rows
 
 
@@ -386,33 +402,43 @@ def measure_variant(model: PPCRModel, args: argparse.Namespace, images: int,
     cfg = model.config
     per_image = args.expressions_per_image
     work = make_workload(model, images, per_image)
-    len1, len2 = flops.pass_lengths(cfg, model.tokenizer, [e for _, e in work.items])
-    ev = flops.evaluation_flops(cfg, len1, len2, per_image)
-    print(f"[{cfg.variant}] {ev.total / 1e9:.4g} GFLOP per expression", file=sys.stderr, flush=True)
-    rows = bench_throughput(model, work, args.batch_sizes, args.repeats)
-    for row in rows:
-        b = row["batch_size"]
-        row["llm_tokens_padded_per_expression"] = padded_tokens(len1, b) + (padded_tokens(len2, b) if len2 else 0)
-    best = max(rows, key=lambda r: r["expressions_per_s"])
-    bound_s = ev.bound_seconds(rates, cfg.dtype)
-    prefix = flops.shared_prefix_tokens(cfg, model.tokenizer)
-    shared_llm = sum(flops.prefix_shared_llm_flops(cfg, prefix, t, per_image)
-                     for t in (ev.pass1_tokens, ev.pass2_tokens) if t)
-    entry: dict[str, Any] = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "flops": {**ev.to_dict(), "with_shared_prefix_kv_cache": {"prefix_tokens": prefix,
-                                                                  "llm_flops_per_expression": shared_llm}},
-        "eval": {"by_batch_size": rows, "best": best},
-        "latency_batch1": bench_latency(model, work, args.repeats),
-        "bound": {"expressions_per_s": 1 / bound_s, "seconds_per_expression": bound_s, "rates_flops_per_s": rates,
-                  "stage_dtypes": {s: ev.stage_dtype(s, cfg.dtype) for s in flops.STAGES},
-                  "achieved_ratio": best["expressions_per_s"] * bound_s},
-        "train": None,
-    }
+    expressions = [e for _, e in work.items]
+    len1, len2 = flops.pass_lengths(cfg, model.tokenizer, expressions)
+    prefixes = flops.pass_prefix_lengths(cfg, model.tokenizer, expressions)
+    ev = {"prefix_cache": flops.evaluation_flops(cfg, len1, len2, per_image, prefixes),
+          "no_prefix_cache": flops.evaluation_flops(cfg, len1, len2, per_image)}
+    print(f"[{cfg.variant}] GFLOP per expression: " + ", ".join(f"{n} {e.total / 1e9:.4g}" for n, e in ev.items()),
+          file=sys.stderr, flush=True)
+    by_path = bench_throughput(model, work, args.batch_sizes, args.repeats)
+    entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
+                             "prefix_tokens": {"pass1": prefixes[0], "pass2": prefixes[1]}}
+    for name, rows in by_path.items():
+        for row in rows:
+            b = row["batch_size"]
+            full = padded_tokens(len1, b) + (padded_tokens(len2, b) if len2 else 0)
+            cached = full - (prefixes[0] + (prefixes[1] if len2 else 0)) * (1 - 1 / per_image)
+            row["llm_tokens_padded_per_expression"] = cached if name == "prefix_cache" else full
+        best = max(rows, key=lambda r: r["expressions_per_s"])
+        bound_s = ev[name].bound_seconds(rates, cfg.dtype)
+        entry[name] = {
+            "flops": ev[name].to_dict(),
+            "eval": {"by_batch_size": rows, "best": best},
+            "bound": {"expressions_per_s": 1 / bound_s, "seconds_per_expression": bound_s,
+                      "rates_flops_per_s": rates,
+                      "stage_dtypes": {s: ev[name].stage_dtype(s, cfg.dtype) for s in flops.STAGES},
+                      "achieved_ratio": best["expressions_per_s"] * bound_s},
+        }
+    entry["prefix_cache_speedup"] = {
+        "by_batch_size": {str(a["batch_size"]): a["expressions_per_s"] / b["expressions_per_s"]
+                          for a, b in zip(by_path["prefix_cache"], by_path["no_prefix_cache"])},
+        "flops_ratio": ev["no_prefix_cache"].total / ev["prefix_cache"].total}
+    entry["latency_batch1"] = bench_latency(model, work, args.repeats)
+    entry["train"] = None
     if not args.no_train:
         train = bench_train_step(model, work, args.train_batch, args.repeats)
         answer_tokens = 7.0  # per pass ("Sure, it is [SEG]." + </s>), for the rough estimate below
-        estimate = flops.training_step_flops(ev, cfg, answer_tokens, model.mllm.llava.config.text_config.vocab_size)
+        vocab = model.mllm.llava.config.text_config.vocab_size
+        estimate = flops.training_step_flops(ev["no_prefix_cache"], cfg, answer_tokens, vocab)  # training: no cache
         train["flops_estimate_per_expression"] = estimate
         train["achieved_flops_per_s"] = estimate["total"] * train["expressions_per_s"]
         entry["train"] = train
@@ -448,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     rate_values = {dt: r["flops_per_s"] for dt, r in rates.items()}
 
     report: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,
         "label": "GPU" if device.type == "cuda" else "CPU",
         "device": {"type": device.type, "name": name, "threads": torch.get_num_threads(),
                    "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)},
@@ -490,22 +516,31 @@ def run(args: argparse.Namespace) -> int:
 def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"ppcr bench: preset {s['preset']}, {report['label']} {report['device']['name']}, "
-             f"MLLM {s['mllm_dtype']}, SAM float32, random weights",
+             f"MLLM {s['mllm_dtype']}, SAM float32, random weights, {s['expressions_per_image']} expressions per image",
              "matmul rate: " + ", ".join(f"{dt} {r['flops_per_s'] / 1e12:.3f} TFLOP/s (n={r['n']})"
                                          for dt, r in report["matmul"].items()),
              ""]
-    head = (f"{'variant':<14} {'batch':>5} {'expr/s':>10} {'ms/expr':>9} {'GFLOP/expr':>11} {'bound expr/s':>13} "
-            f"{'achieved':>9}")
+    head = (f"{'variant':<14} {'path':<16} {'batch':>5} {'expr/s':>10} {'ms/expr':>9} {'GFLOP/expr':>11} "
+            f"{'bound expr/s':>13} {'achieved':>9}")
     lines += [head, "-" * len(head)]
     for variant, e in report["variants"].items():
-        gflop = e["flops"]["total_per_expression"] / 1e9
-        bound = e["bound"]["expressions_per_s"]
-        for row in e["eval"]["by_batch_size"]:
-            star = "*" if row["batch_size"] == e["eval"]["best"]["batch_size"] else " "
-            lines.append(f"{variant:<14} {row['batch_size']:>4}{star} {row['expressions_per_s']:>10.2f} "
-                         f"{1e3 / row['expressions_per_s']:>9.2f} {gflop:>11.4g} {bound:>13.2f} "
-                         f"{row['expressions_per_s'] / bound:>9.1%}")
-    lines += ["", "* best batch size; achieved = measured / compute-bound throughput", ""]
+        for path in PATHS:
+            p = e[path]
+            gflop = p["flops"]["total_per_expression"] / 1e9
+            bound = p["bound"]["expressions_per_s"]
+            for row in p["eval"]["by_batch_size"]:
+                star = "*" if row["batch_size"] == p["eval"]["best"]["batch_size"] else " "
+                lines.append(f"{variant:<14} {path:<16} {row['batch_size']:>4}{star} {row['expressions_per_s']:>10.2f} "
+                             f"{1e3 / row['expressions_per_s']:>9.2f} {gflop:>11.4g} {bound:>13.2f} "
+                             f"{row['expressions_per_s'] / bound:>9.1%}")
+    lines += ["", "* best batch size of the path; achieved = measured / compute-bound throughput", "",
+              "prefix cache: measured speed-up (expr/s with / without, same run, interleaved repeats) and FLOP ratio"]
+    for variant, e in report["variants"].items():
+        sp = e["prefix_cache_speedup"]
+        by_b = ", ".join(f"batch {b}: {r:.2f}x" for b, r in sp["by_batch_size"].items())
+        lines.append(f"  {variant}: {by_b}; FLOPs {sp['flops_ratio']:.2f}x fewer "
+                     f"(prefix {e['prefix_tokens']['pass1']} / {e['prefix_tokens']['pass2']} tokens)")
+    lines += [""]
     head2 = f"{'variant':<14} {'latency b1 ms':>14} {'train step s':>13} {'train expr/s':>13} {'peak MiB':>9}"
     lines += [head2, "-" * len(head2)]
     for variant, e in report["variants"].items():
@@ -513,9 +548,9 @@ def format_table(report: dict[str, Any]) -> str:
         train = (f"{t['median_s']:>13.3f} {t['expressions_per_s']:>13.2f} {t['peak_mib']:>9.0f}" if t
                  else f"{'-':>13} {'-':>13} {'-':>9}")
         lines.append(f"{variant:<14} {e['latency_batch1']['median_ms']:>14.2f} {train}")
-    lines += ["", "FLOPs per expression by stage (GFLOP):"]
+    lines += ["", "FLOPs per expression by stage (GFLOP, with the prefix cache):"]
     for variant, e in report["variants"].items():
-        parts = ", ".join(f"{k} {v / 1e9:.4g}" for k, v in e["flops"]["per_expression"].items() if v)
+        parts = ", ".join(f"{k} {v / 1e9:.4g}" for k, v in e["prefix_cache"]["flops"]["per_expression"].items() if v)
         lines.append(f"  {variant}: {parts}")
     return "\n".join(lines)
 

@@ -177,28 +177,56 @@ def box_head_flops(cfg: PPCRConfig) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # sequence lengths and the totals
 # ---------------------------------------------------------------------------------------------------------------
-def pass_lengths(cfg: PPCRConfig, tokenizer, expressions: Sequence[str]) -> tuple[list[int], list[int]]:
-    """Unpadded token counts of pass 1 and pass 2 per expression, from the real evaluation templates (fixed
-    template index, as at evaluation) through `tokenizer` (image tokens expanded). Pass 2 is [] for `glamm`."""
+def encoded_passes(cfg: PPCRConfig, tokenizer, expressions: Sequence[str]):
+    """The evaluation encodings (`EncodedPass`) of pass 1 and pass 2 (None for `glamm`) for `expressions`: the real
+    templates at their fixed evaluation index, through `tokenizer`, image tokens expanded."""
     from ppcr.model import prompts
     from ppcr.model.tokenizer import encode_pass
 
-    n_img = cfg.vision.num_image_tokens
-
-    def lengths(templates: tuple[str, ...], index: int, answer: str, query: str) -> list[int]:
+    def encode(templates: tuple[str, ...], index: int, answer: str, query: str):
         template = prompts.pick_template(templates, None, index)
         ctx, ans = zip(*[prompts.conversation(prompts.fill(template, e), answer, cfg.system_prompt)
                          for e in expressions])
-        enc = encode_pass(tokenizer, ctx, ans, query, n_img)
-        return [int(x) for x in enc.attention_mask.sum(dim=1)]
+        return encode_pass(tokenizer, ctx, ans, query, cfg.vision.num_image_tokens)
 
-    first = lengths(prompts.SEMANTIC_TEMPLATES, cfg.eval_semantic_template, prompts.SEMANTIC_ANSWER,
-                    prompts.SEG_TOKEN)
-    second: list[int] = []
+    first = encode(prompts.SEMANTIC_TEMPLATES, cfg.eval_semantic_template, prompts.SEMANTIC_ANSWER, prompts.SEG_TOKEN)
+    second = None
     if cfg.spec.uses_spatial_stage:
-        second = lengths(prompts.spatial_templates(cfg.spec.spatial_source), cfg.eval_spatial_template,
-                         prompts.SPATIAL_ANSWER, prompts.BOX_TOKEN)
+        second = encode(prompts.spatial_templates(cfg.spec.spatial_source), cfg.eval_spatial_template,
+                        prompts.SPATIAL_ANSWER, prompts.BOX_TOKEN)
     return first, second
+
+
+def pass_lengths(cfg: PPCRConfig, tokenizer, expressions: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Unpadded token counts of pass 1 and pass 2 per expression (evaluation templates; image tokens expanded).
+    Pass 2 is [] for `glamm`."""
+    first, second = encoded_passes(cfg, tokenizer, expressions)
+    return ([int(x) for x in first.attention_mask.sum(dim=1)],
+            [] if second is None else [int(x) for x in second.attention_mask.sum(dim=1)])
+
+
+def pass_prefix_lengths(cfg: PPCRConfig, tokenizer, expressions: Sequence[str]) -> tuple[int, int]:
+    """The prefix each pass computes once per image with the prefix cache (`mllm.shared_prefix_length` over
+    `expressions`, which should not all begin with the same word): pass 1, pass 2 (0 for `glamm`)."""
+    from ppcr.model import prompts
+    from ppcr.model.mllm import shared_prefix_length
+
+    first, second = encoded_passes(cfg, tokenizer, expressions)
+    soft = tokenizer.convert_tokens_to_ids(prompts.PSEG_TOKEN) if cfg.spec.spatial_source != "re" else None
+    return shared_prefix_length(first), 0 if second is None else shared_prefix_length(second, soft)
+
+
+def llama_cached_pass_flops(t: TextConfig, prefix: int, seq_len: int, lora_r: int,
+                            rows_per_prefix: float) -> float:
+    """One pass over `seq_len` tokens whose first `prefix` were computed once for `rows_per_prefix` rows (an image's
+    expressions) and kept as keys/values: the prefix's share, plus the suffix's layers, each of its tokens
+    attending to the prefix and the suffix (the dense kernel's full score matrix)."""
+    if not 0 <= prefix <= seq_len:
+        raise ValueError(f"prefix {prefix} outside a pass of {seq_len} tokens")
+    suffix = seq_len - prefix
+    own = t.num_hidden_layers * (suffix * (llama_linear_flops_per_token(t) + lora_flops_per_token(t, lora_r))
+                                 + attention(suffix, seq_len, t.hidden_size))
+    return llama_pass_flops(t, prefix, lora_r) / rows_per_prefix + own
 
 
 @dataclass
@@ -229,16 +257,23 @@ class EvalFlops:
 
 
 def evaluation_flops(cfg: PPCRConfig, pass1_tokens: Sequence[int], pass2_tokens: Sequence[int],
-                     expressions_per_image: float) -> EvalFlops:
-    """Mean FLOPs per expression of `cfg.variant` at evaluation, for the given per-expression pass lengths."""
+                     expressions_per_image: float, prefix_lengths: tuple[int, int] | None = None) -> EvalFlops:
+    """Mean FLOPs per expression of `cfg.variant` at evaluation, for the given per-expression pass lengths;
+    with `prefix_lengths` (pass 1, pass 2), the prefix-cached LLM passes (each image's prefix once)."""
     spatial = cfg.spec.uses_spatial_stage
     t1 = sum(pass1_tokens) / len(pass1_tokens)
     t2 = sum(pass2_tokens) / len(pass2_tokens) if spatial else 0.0
     r = cfg.lora.r
     per_image = {"clip_tower": clip_tower_flops(cfg.vision, cfg.text.hidden_size),
                  "sam_image_encoder": sam_encoder_flops(cfg.sam)}
-    mean_pass = {1: sum(llama_pass_flops(cfg.text, n, r) for n in pass1_tokens) / len(pass1_tokens),
-                 2: sum(llama_pass_flops(cfg.text, n, r) for n in pass2_tokens) / len(pass2_tokens) if spatial else 0}
+
+    def pass_flops(n: int, which: int) -> float:
+        if prefix_lengths is None:
+            return float(llama_pass_flops(cfg.text, n, r))
+        return llama_cached_pass_flops(cfg.text, prefix_lengths[which - 1], n, r, expressions_per_image)
+
+    mean_pass = {1: sum(pass_flops(n, 1) for n in pass1_tokens) / len(pass1_tokens),
+                 2: sum(pass_flops(n, 2) for n in pass2_tokens) / len(pass2_tokens) if spatial else 0}
     uses_box = spatial and cfg.spec.eval_box != "none"
     per_expr = {
         "clip_tower": per_image["clip_tower"] / expressions_per_image,
@@ -268,30 +303,3 @@ def training_step_flops(ev: EvalFlops, cfg: PPCRConfig, answer_tokens: float, vo
     clip = ev.per_expression["clip_tower"]
     return {"clip_tower": clip, "llm": llm, "lm_head": float(lm_head), "heads_and_decoder": trained,
             "total": clip + llm + lm_head + trained}
-
-
-def shared_prefix_tokens(cfg: PPCRConfig, tokenizer) -> int:
-    """Tokens every prompt of an image starts with: BOS, the system prompt, `USER:` and the image tokens."""
-    from ppcr.model import prompts
-    from ppcr.model.tokenizer import encode_pass
-
-    ctx, ans = prompts.conversation(prompts.fill(prompts.SEMANTIC_TEMPLATES[0], "x"), prompts.SEMANTIC_ANSWER,
-                                    cfg.system_prompt)
-    ids = encode_pass(tokenizer, [ctx], [ans], prompts.SEG_TOKEN, cfg.vision.num_image_tokens).input_ids[0]
-    image_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
-    return int((ids == image_id).nonzero()[-1]) + 1
-
-
-def prefix_shared_llm_flops(cfg: PPCRConfig, prefix_tokens: int, pass_tokens: float,
-                            expressions_per_image: float) -> float:
-    """LLM FLOPs per expression of one pass if the prompt prefix common to all expressions of an image (system
-    prompt + `USER:` + the image tokens) were computed once per image and its keys/values reused (a KV cache):
-    the prefix's layers once per image, each expression's suffix attending to prefix + itself."""
-    if pass_tokens <= 0:
-        return 0.0
-    t = cfg.text
-    suffix = pass_tokens - prefix_tokens
-    per_tok = llama_linear_flops_per_token(t) + lora_flops_per_token(t, cfg.lora.r)
-    prefix = t.num_hidden_layers * (prefix_tokens * per_tok + attention(prefix_tokens, prefix_tokens, t.hidden_size))
-    own = t.num_hidden_layers * (suffix * per_tok + 2 * 2 * suffix * pass_tokens * t.hidden_size)
-    return prefix / expressions_per_image + own

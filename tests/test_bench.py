@@ -59,17 +59,23 @@ def test_bench_command_tiny(tmp_path):
     assert report["matmul"]["float32"]["flops_per_s"] > 0
     assert set(report["variants"]) == {"glamm", "ppcr"}
     for variant, e in report["variants"].items():
-        rows = e["eval"]["by_batch_size"]
-        assert [r["batch_size"] for r in rows] == [1, 4]
-        assert all(r["expressions_per_s"] > 0 and r["expressions"] == 10 for r in rows)
-        assert e["eval"]["best"]["expressions_per_s"] == max(r["expressions_per_s"] for r in rows)
+        for path in ("prefix_cache", "no_prefix_cache"):  # both evaluation paths, timed in the same run
+            rows = e[path]["eval"]["by_batch_size"]
+            assert [r["batch_size"] for r in rows] == [1, 4]
+            assert all(r["expressions_per_s"] > 0 and r["expressions"] == 10 for r in rows)
+            assert e[path]["eval"]["best"]["expressions_per_s"] == max(r["expressions_per_s"] for r in rows)
+            assert e[path]["bound"]["expressions_per_s"] > 0 and e[path]["bound"]["achieved_ratio"] > 0
+            assert e[path]["flops"]["total_per_expression"] > 0
+        assert set(e["prefix_cache_speedup"]["by_batch_size"]) == {"1", "4"}
+        assert e["prefix_cache_speedup"]["flops_ratio"] > 1  # 5 expressions per image share each prefix
+        assert 0 < e["prefix_tokens"]["pass1"] < e["prefix_cache"]["flops"]["pass1_tokens"]
         assert e["latency_batch1"]["median_ms"] > 0
-        assert e["bound"]["expressions_per_s"] > 0 and e["bound"]["achieved_ratio"] > 0
-        assert e["flops"]["total_per_expression"] > 0
         assert e["train"]["median_s"] > 0 and e["train"]["peak_mib"] > 0 and e["train"]["micro_batch"] == 2
         assert all(np.isfinite(e["train"]["losses"]))
-    assert report["variants"]["glamm"]["flops"]["per_expression"]["llm_pass2"] == 0
-    assert report["variants"]["ppcr"]["flops"]["per_expression"]["llm_pass2"] > 0
+    for path in ("prefix_cache", "no_prefix_cache"):
+        assert report["variants"]["glamm"][path]["flops"]["per_expression"]["llm_pass2"] == 0
+        assert report["variants"]["ppcr"][path]["flops"]["per_expression"]["llm_pass2"] > 0
+    assert report["variants"]["glamm"]["prefix_tokens"]["pass2"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,16 +122,17 @@ def test_stage_flops_match_torch_flop_counter(model, images):
     cfg = model.config
     prep = model.image_prep()
     sam_in, _ = prep.sam(images[0])
+    model.prefix_cache = False  # the full passes (the cached ones: test_cached_pass_flops_match_counter)
     with torch.no_grad():
         n, feats = count(lambda: model.mllm.image_features(prep.clip(images[0])[None]))
         assert n == flops.clip_tower_flops(cfg.vision, cfg.text.hidden_size)
         n, emb = count(lambda: model.segmenter.encode_images(sam_in[None]))
         assert n == flops.sam_encoder_flops(cfg.sam)
         expr = make_expressions(1, 3)
-        n, (p_seg, _) = count(lambda: model.semantic_stage(feats, expr, None))
+        n, (p_seg, _) = count(lambda: model.semantic_stage(feats, torch.tensor([0]), expr, None))
         (length,), _ = flops.pass_lengths(cfg, model.tokenizer, expr)
         assert n == flops.llama_pass_flops(cfg.text, length, cfg.lora.r) + flops.prompt_heads_flops(cfg, False)
-        n, _ = count(lambda: model.spatial_stage(feats, expr, p_seg, None))
+        n, _ = count(lambda: model.spatial_stage(feats, torch.tensor([0]), expr, p_seg, None))
         _, (length2,) = flops.pass_lengths(cfg, model.tokenizer, expr)
         expected = flops.llama_pass_flops(cfg.text, length2, cfg.lora.r) + flops.box_head_flops(cfg) \
             + flops.linear(1, cfg.sam_prompt_dim, cfg.text.hidden_size)  # the soft-token projector
@@ -135,6 +142,28 @@ def test_stage_flops_match_torch_flop_counter(model, images):
         assert n == flops.sam_decoder_flops(cfg.sam, 3)
         n, _ = count(lambda: model.segmenter.decode(emb, torch.tensor([0]), None, p_seg))
         assert n == flops.sam_decoder_flops(cfg.sam, 1)
+    model.prefix_cache = True
+
+
+def test_cached_pass_flops_match_counter(model, images):
+    """With the prefix cache, 3 expressions of one image cost one prefix plus 3 suffixes, as `ppcr.flops` counts
+    (expressions of equal token length, so no padding is computed)."""
+    cfg = model.config
+    expr = ["red man left", "blue dog top", "green cup near"]
+    len1, len2 = flops.pass_lengths(cfg, model.tokenizer, expr)
+    assert len(set(len1)) == 1 and len(set(len2)) == 1
+    p1, p2 = flops.pass_prefix_lengths(cfg, model.tokenizer, expr)
+    assert cfg.vision.num_image_tokens < p1 < len1[0] and cfg.vision.num_image_tokens < p2 < len2[0]
+    index = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        feats = model.mllm.image_features(model.image_prep().clip(images[0])[None])
+        n, (p_seg, _) = count(lambda: model.semantic_stage(feats, index, expr, None))
+        expected = 3 * flops.llama_cached_pass_flops(cfg.text, p1, len1[0], cfg.lora.r, 3)
+        assert n == pytest.approx(expected + 3 * flops.prompt_heads_flops(cfg, False), rel=1e-12)
+        n, _ = count(lambda: model.spatial_stage(feats, index, expr, p_seg, None))
+        expected = 3 * (flops.llama_cached_pass_flops(cfg.text, p2, len2[0], cfg.lora.r, 3)
+                        + flops.box_head_flops(cfg) + flops.linear(1, cfg.sam_prompt_dim, cfg.text.hidden_size))
+        assert n == pytest.approx(expected, rel=1e-12)
 
 
 def test_attention_box_head_flops_match_counter():
@@ -229,12 +258,30 @@ def test_sdpa_equals_eager(images):
         assert_same(a, b, box_tol=1e-4)
 
 
-def test_shared_prefix_estimate(model):
+def test_cached_flops_accounting(model):
     cfg = model.config
-    prefix = flops.shared_prefix_tokens(cfg, model.tokenizer)
     (length,), _ = flops.pass_lengths(cfg, model.tokenizer, make_expressions(1, 0))
-    assert cfg.vision.num_image_tokens < prefix < length
-    # no shared prefix, one expression per image: exactly the plain pass
-    assert flops.prefix_shared_llm_flops(cfg, 0, length, 1) == flops.llama_pass_flops(cfg.text, length, cfg.lora.r)
-    # sharing across 5 expressions saves most of the prefix's work
-    assert flops.prefix_shared_llm_flops(cfg, prefix, length, 5) < flops.llama_pass_flops(cfg.text, length, 8)
+    # no prefix, or one expression per image: exactly the plain pass
+    assert flops.llama_cached_pass_flops(cfg.text, 0, length, 8, 1) == flops.llama_pass_flops(cfg.text, length, 8)
+    with pytest.raises(ValueError):
+        flops.llama_cached_pass_flops(cfg.text, length + 1, length, 8, 1)
+    # sharing a prefix across 5 expressions saves most of its work
+    assert flops.llama_cached_pass_flops(cfg.text, length - 10, length, 8, 5) < flops.llama_pass_flops(cfg.text,
+                                                                                                        length, 8)
+
+
+def test_paper_preset_prefix_cache_flops():
+    """Paper preset, 5 expressions per image: the cached LLM work per expression is about a quarter of the full."""
+    from ppcr.model.tokenizer import build_word_tokenizer
+
+    cfg = paper_config()
+    tok = build_word_tokenizer(WORDS)
+    expressions = make_expressions(100, 0)
+    len1, len2 = flops.pass_lengths(cfg, tok, expressions)
+    p1, p2 = flops.pass_prefix_lengths(cfg, tok, expressions)
+    assert 576 < p1 < min(len1) and 576 < p2 < min(len2)
+    full = flops.evaluation_flops(cfg, len1, len2, 5)
+    cached = flops.evaluation_flops(cfg, len1, len2, 5, (p1, p2))
+    llm = [e.per_expression["llm_pass1"] + e.per_expression["llm_pass2"] for e in (full, cached)]
+    assert 15e12 < llm[0] < 19e12 and 3e12 < llm[1] < 5e12
+    assert cached.per_image == full.per_image and cached.total < full.total / 3

@@ -7,13 +7,15 @@ projector are frozen, so the image features are computed once per batch and reus
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (CLIPVisionConfig, DynamicCache, LlamaConfig, LlamaModel, LlavaConfig,
+                          LlavaForConditionalGeneration)
 from transformers import PreTrainedTokenizerBase
 
 from ppcr.model import prompts
@@ -21,6 +23,8 @@ from ppcr.model.config import PPCRConfig
 from ppcr.model.tokenizer import EncodedPass
 
 BRANCHES = ("semantic", "spatial")
+# transformers 5.x renamed the decoder's `past_key_values` argument to `cache` (the old name warns, then goes)
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,16 +102,21 @@ def llava_image_features(llava: LlavaForConditionalGeneration, clip_pixel_values
 def multimodal_embeddings(
     llava: LlavaForConditionalGeneration,
     input_ids: torch.Tensor,
-    image_features: torch.Tensor,
+    image_features: torch.Tensor | None,
     image_token_id: int,
     soft_tokens: torch.Tensor | None = None,
     soft_token_id: int | None = None,
 ) -> torch.Tensor:
     """Input embeddings (B, L, d) with image features (B, N_img, d) in the `<image>` slots and, when given, one
-    soft token (B, d) per row in the `soft_token_id` slot."""
+    soft token (B, d) per row in the `soft_token_id` slot. `image_features` None: the ids hold no image slots
+    (the suffix of a cached prefix)."""
     embeds = llava.get_input_embeddings()(input_ids)  # (B, L, d)
     image_slots = (input_ids == image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(image_slots, image_features.to(embeds.dtype))
+    if image_features is None:
+        if bool(image_slots.any()):
+            raise ValueError("image slots in the input but no image features given")
+    else:
+        embeds = embeds.masked_scatter(image_slots, image_features.to(embeds.dtype))
     if soft_tokens is not None:
         soft_slots = input_ids == soft_token_id
         if not bool((soft_slots.sum(dim=1) == 1).all()):
@@ -125,6 +134,26 @@ def answer_cross_entropy(llava: LlavaForConditionalGeneration, hidden: torch.Ten
     return F.cross_entropy(logits.float(), targets[answer])
 
 
+def shared_prefix_length(encoded: EncodedPass, soft_token_id: int | None = None) -> int:
+    """How many leading positions every row of a pass shares and can take from one image's cached prefix.
+
+    The prefix is the longest run of token ids equal in all rows (BOS, system prompt, `USER:`, the image slots and
+    the template's words before the expression), stopped before the `[P_SEG]` soft token (its embedding differs
+    per row although its id does not) and before the earliest query position (whose hidden state is read).
+    Rows on different images share the ids of the image slots, not their content: the prefix is computed once per
+    *image*, so the cache stays exact.
+    """
+    ids = encoded.input_ids  # (B, L)
+    differ = (ids != ids[:1]).any(dim=0).nonzero()
+    length = int(differ[0]) if len(differ) else ids.shape[1]
+    length = min(length, int(encoded.query_index.min()))
+    if soft_token_id is not None:
+        slots = (ids == soft_token_id).nonzero()
+        if len(slots):
+            length = min(length, int(slots[:, 1].min()))
+    return length
+
+
 class MultimodalLLM(nn.Module):
     """LLaVA + LoRA branches "semantic" (A) and "spatial" (B); one forward pass per branch."""
 
@@ -140,6 +169,7 @@ class MultimodalLLM(nn.Module):
         self.pseg_token_id = tokenizer.convert_tokens_to_ids(prompts.PSEG_TOKEN)
         self.new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in prompts.NEW_TOKENS]
         self.vision_feature_layer = config.vision_feature_layer
+        self.prefix_cache = True  # evaluation/predict: encode each image's shared prompt prefix once per branch
         self._train_all_token_rows = False
         self._enable_new_token_rows()
 
@@ -195,18 +225,29 @@ class MultimodalLLM(nn.Module):
         branch: str,
         encoded: EncodedPass,
         image_features: torch.Tensor,
+        image_index: torch.Tensor,
         soft_tokens: torch.Tensor | None = None,
         compute_ce: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One LLM pass with LoRA `branch` active.
 
-        encoded: the tokenised conversation; image_features: (B, N_img, d) scattered into the `<image>` slots;
-        soft_tokens: (B, d) written into the `[P_SEG]` slot (one per row) when given.
+        encoded: the tokenised conversation (B rows); image_features: (N, N_img, d) per image, scattered into the
+        `<image>` slots of the rows on that image (`image_index`: (B,) values in [0, N)); soft_tokens: (B, d)
+        written into the `[P_SEG]` slot (one per row) when given.
         Returns the last-layer hidden state at the query position (B, d) and the answer's next-token CE.
+
+        Without gradients and CE (evaluation, predict), with `prefix_cache` on and some image of the batch holding
+        several rows, the prompt prefix that all rows share (`shared_prefix_length`) runs once per image and each
+        row's suffix attends to its image's cached keys/values; training always runs the full sequences.
         """
         self.use_branch(branch)
-        embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features, self.image_token_id,
-                                       soft_tokens, self.pseg_token_id)
+        shared = len(torch.unique(image_index)) < len(image_index)  # some image has several rows to share with
+        if self.prefix_cache and shared and not compute_ce and not torch.is_grad_enabled():
+            prefix = shared_prefix_length(encoded, self.pseg_token_id if soft_tokens is not None else None)
+            if prefix > 0:
+                return self._run_cached(encoded, image_features, image_index, soft_tokens, prefix), None
+        embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index],
+                                       self.image_token_id, soft_tokens, self.pseg_token_id)
         hidden = self.llava.model.language_model(
             inputs_embeds=embeds, attention_mask=encoded.attention_mask
         ).last_hidden_state  # (B, L, d)
@@ -214,3 +255,21 @@ class MultimodalLLM(nn.Module):
         query = hidden[rows, encoded.query_index]  # (B, d)
         ce = answer_cross_entropy(self.llava, hidden, encoded.labels) if compute_ce else None
         return query, ce
+
+    def _run_cached(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor,
+                    soft_tokens: torch.Tensor | None, prefix: int) -> torch.Tensor:
+        """The query hidden states (B, d) of `run_branch`, with the first `prefix` positions computed once per
+        distinct image of the batch (transformers' DynamicCache, expanded to the rows by index)."""
+        lm = self.llava.model.language_model
+        images, row_image = torch.unique(image_index, return_inverse=True)  # (U,), (B,)
+        prefix_ids = encoded.input_ids[:1, :prefix].expand(len(images), prefix)  # (U, P): the same ids in every row
+        prefix_embeds = multimodal_embeddings(self.llava, prefix_ids, image_features[images], self.image_token_id)
+        cache = DynamicCache()
+        lm(inputs_embeds=prefix_embeds, use_cache=True, **{_CACHE_ARG: cache})  # fills `cache` in place
+        cache.reorder_cache(row_image)  # (U, ...) -> (B, ...): each row gets its image's keys/values
+        suffix_embeds = multimodal_embeddings(self.llava, encoded.input_ids[:, prefix:], None, self.image_token_id,
+                                              soft_tokens, self.pseg_token_id)  # (B, L - P, d)
+        hidden = lm(inputs_embeds=suffix_embeds, attention_mask=encoded.attention_mask, use_cache=True,
+                    **{_CACHE_ARG: cache}).last_hidden_state  # (B, L - P, d)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, encoded.query_index - prefix]

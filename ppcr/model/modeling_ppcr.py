@@ -133,15 +133,26 @@ class PPCRModel(nn.Module):
         return image_prep_for(self.config)
 
     @property
+    def prefix_cache(self) -> bool:
+        """Evaluation and `predict` run each image's shared prompt prefix once per LoRA branch and reuse its
+        keys/values for every expression of the image (default on; training never does). Set False to run every
+        expression's full sequences, e.g. to check the cached path against them."""
+        return self.mllm.prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, on: bool) -> None:
+        self.mllm.prefix_cache = bool(on)
+
+    @property
     def device(self) -> torch.device:
         return self.text_hidden_fcs[0].weight.device
 
     # ---------------------------------------------------------------------------------------------------------
     # the three stages
     # ---------------------------------------------------------------------------------------------------------
-    def semantic_stage(self, image_features: torch.Tensor, expressions: Sequence[str],
+    def semantic_stage(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
                        rng: random.Random | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Branch A: (B, N_img, d) features + expressions -> P_seg_txt (B, C) and the answer CE."""
+        """Branch A: (N, N_img, d) features per image, (B,) image of each expression -> P_seg_txt (B, C), CE."""
         cfg = self.config
         ctx, ans = zip(*[
             prompts.conversation(
@@ -150,11 +161,12 @@ class PPCRModel(nn.Module):
             for e in expressions
         ])
         enc = encode_pass(self.tokenizer, ctx, ans, prompts.SEG_TOKEN, image_features.shape[1]).to(self.device)
-        h_seg, ce = self.mllm.run_branch("semantic", enc, image_features, compute_ce=self.training)
+        h_seg, ce = self.mllm.run_branch("semantic", enc, image_features, image_index, compute_ce=self.training)
         return self.text_hidden_fcs(h_seg.float()), ce
 
-    def spatial_stage(self, image_features: torch.Tensor, expressions: Sequence[str], p_seg_txt: torch.Tensor,
-                      rng: random.Random | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def spatial_stage(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
+                      p_seg_txt: torch.Tensor, rng: random.Random | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Branch B: spatial prompt (with P_seg_txt as soft token) -> P_seg_box (B, d), raw box (B, 4), CE."""
         cfg = self.config
         source = cfg.spec.spatial_source
@@ -167,9 +179,9 @@ class PPCRModel(nn.Module):
         ])
         enc = encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)
         soft = None if source == "re" else self.seg_to_llm(p_seg_txt)
-        p_seg_box, ce = self.mllm.run_branch("spatial", enc, image_features, soft_tokens=soft,
+        p_seg_box, ce = self.mllm.run_branch("spatial", enc, image_features, image_index, soft_tokens=soft,
                                              compute_ce=self.training)
-        box_raw = self.box_head(p_seg_box.float(), image_features.float())
+        box_raw = self.box_head(p_seg_box.float(), image_features[image_index].float())
         return p_seg_box, box_raw, ce
 
     def _jitter_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -205,12 +217,12 @@ class PPCRModel(nn.Module):
         if len(expressions) != image_index.shape[0]:
             raise ValueError(f"{len(expressions)} expressions for {image_index.shape[0]} image indices")
         expressions = [prompts.check_expression(e) for e in expressions]
-        feats = image_features[image_index]  # (B, N_img, d)
-        p_seg_txt, ce_sem = self.semantic_stage(feats, expressions, rng)
+        p_seg_txt, ce_sem = self.semantic_stage(image_features, image_index, expressions, rng)
         ce_terms = [ce_sem] if ce_sem is not None else []
         p_seg_box = boxes_raw = boxes_norm = None
         if self.config.spec.uses_spatial_stage:
-            p_seg_box, boxes_raw, ce_spa = self.spatial_stage(feats, expressions, p_seg_txt, rng)
+            p_seg_box, boxes_raw, ce_spa = self.spatial_stage(image_features, image_index, expressions, p_seg_txt,
+                                                                rng)
             boxes_norm = order_box(boxes_raw)
             if ce_spa is not None:
                 ce_terms.append(ce_spa)

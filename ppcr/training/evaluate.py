@@ -129,7 +129,8 @@ def evaluate_model(model: PPCRModel, root: str | Path, datasets: list[DataSpec],
         "seed": model.config.seed, "device": device_name(device), "torch": torch.__version__,
         "wall_s": round(wall, 2), "expressions": n, "expressions_per_s": round(n / max(wall, 1e-9), 3),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "max_expressions_per_split": max_expressions, "command": " ".join(sys.argv),
+        "max_expressions_per_split": max_expressions, "prefix_cache": model.prefix_cache,
+        "command": " ".join(sys.argv),
         **(meta or {}),
     }
     out = Path(out_json)
@@ -170,6 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | auto (default: the profile's)")
     p.add_argument("--out", required=True, help="results.json to write")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="run every expression's full LLM sequences (default: each image's prompt prefix once)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"ppcr evaluate: not a PPCR checkpoint: {checkpoint}")
     prepare_data(profile, run_dir, progress=not args.no_progress)
     model = load_for_evaluation(checkpoint, args.variant, args.device or profile.device)
+    model.prefix_cache = not args.no_prefix_cache
     evaluate_model(
         model, data_root(profile, run_dir), datasets, args.out, batch_size=profile.eval_batch_size,
         max_expressions=args.max_expressions or profile.eval_max_expressions,

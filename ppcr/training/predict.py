@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--box", type=float, nargs=4, default=None, metavar=("X1", "Y1", "X2", "Y2"),
                         help="ground-truth pixel box given to SAM, for the gt_box_oracle variant")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="run each expression's full LLM sequences (default: the image's prompt prefix once)")
 
 
 def json_path_for(out: Path) -> Path:
@@ -87,6 +89,7 @@ def predict_image(args: argparse.Namespace) -> dict[str, Any]:
         model = model.to(torch.device(args.device))
     except (RuntimeError, AssertionError) as err:
         raise PredictError(f"device {args.device!r} is not usable: {err}") from None
+    model.prefix_cache = not args.no_prefix_cache
     variant = model.config.variant
     uses_gt_box = model.config.spec.eval_box == "gt"
     if uses_gt_box and args.box is None:
