@@ -95,14 +95,15 @@ def _is_current(results: Path, checkpoint: Path) -> bool:
         (checkpoint / "trainable.safetensors").stat().st_mtime
 
 
-def build_book(profile: Profile, out: Path, progress: bool = True) -> int:
+def build_book(profile: Profile, out: Path, progress: bool = True, repo_url: str | None = None,
+               repo_branch: str | None = None) -> int:
     try:
         from ppcr.book import build  # noqa: F401  (the notebooks and the Jupyter Book)
     except ModuleNotFoundError:
         print(f"make book: the study at profile {profile.name!r} is done ({out}/study.json); the book stage "
               f"(notebooks -> Jupyter Book) does not exist yet, so this is as far as `make book` goes.")
         return 0
-    return build(profile, out, progress=progress)
+    return build(profile, out, progress=progress, repo_url=repo_url, repo_branch=repo_branch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--foundation", choices=("train", "shipped"),
                         help="stages 0-1: train them in this run, or start from the shipped weights (profile default)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--repo-url", help="book: the repository it links to (default: _config.yml's)")
+    parser.add_argument("--repo-branch", help="book: its branch (default: _config.yml's)")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile, {"data_root": args.data_root, "foundation": args.foundation})
     out = Path(args.out or f"runs/{profile.name}")
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study at profile {profile.name}: {len(study['variants'])} variants x {len(profile.seeds)} seeds in "
           f"{study['wall_s']:.0f} s -> {out}/study.json")
     if args.what == "book":
-        return build_book(profile, out, progress)
+        return build_book(profile, out, progress, args.repo_url, args.repo_branch)
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ppcr import report
-from ppcr.book import build, copy_book_sources
+from ppcr.book import broken_internal_links, build, copy_book_sources
 from ppcr.pipeline import run_study
 from ppcr.training.profile import load_profile
 
@@ -211,8 +211,15 @@ def test_notebooks_are_thin_parameterised_and_clean() -> None:
 def test_book_builds_strictly_at_smoke(smoke_run: Path, tmp_path: Path) -> None:
     book_dir = copy_book_sources(tmp_path / "book", REPO / "book", REPO / "_config.yml")
     assert build("smoke", smoke_run, progress=False, book_dir=book_dir, notebooks_dir=REPO / "notebooks",
-                 strict=True) == 0
+                 strict=True, repo_url="https://github.com/example/ppcr", repo_branch="main") == 0
     html = tmp_path / "_build" / "html"
+    assert broken_internal_links(html) == []
+    for page in html.glob("*.html"):  # the builder's folders do not leak into the published pages
+        assert str(REPO) not in page.read_text(), page.name
+    assert f".../{smoke_run.name}" in (html / "01_table1_main_results.html").read_text()  # the provenance line
+    page = (html / "01_table1_main_results.html").read_text()  # launch buttons open the source notebook
+    assert "colab.research.google.com/github/example/ppcr/blob/main/notebooks/01_table1_main_results.ipynb" in page
+    assert "mybinder.org/v2/gh/example/ppcr/main" in page and "https://github.com/example/ppcr/issues" in page
     for nb in NOTEBOOKS:
         page = html / f"{nb.stem}.html"
         assert page.is_file(), page
