@@ -91,6 +91,18 @@ def execute_notebooks(profile: str, run_dir: Path, book_dir: Path, notebooks_dir
     return written
 
 
+STATUS_PAGE = "_status.md"  # included by intro.md; written at every build, not in the repository
+
+
+def write_status(run_dir: Path, book_dir: Path) -> Path:
+    """The front page's status block (`report.status_markdown`) for the study in `run_dir`, as `book_dir/_status.md`."""
+    from ppcr import report
+
+    out = book_dir / STATUS_PAGE
+    out.write_text(report.status_markdown(report.load_study(run_dir)))
+    return out
+
+
 def effective_config(config: Path, repo_url: str | None = None, repo_branch: str | None = None) -> Path:
     """`config` itself, or, with a repository URL or branch given, a copy with them in its `repository` section
     (written to `_build/_config.effective.yml` next to `config`)."""
@@ -142,6 +154,7 @@ def build(profile: Profile | str, out: str | Path, progress: bool = True, book_d
             raise BookBuildError(f"{book} has no _toc.yml (use copy_book_sources for a copy of the book)")
         config = find_config(book)
         execute_notebooks(name, run_dir, book, _resolve(notebooks_dir), progress, parameters)
+        write_status(run_dir, book)
         cmd = jupyter_book_command(book, effective_config(config, repo_url, repo_branch), strict, config.parent)
         if progress:
             print("book: " + " ".join(cmd), flush=True)

@@ -217,6 +217,11 @@ def test_book_builds_strictly_at_smoke(smoke_run: Path, tmp_path: Path) -> None:
     for page in html.glob("*.html"):  # the builder's folders do not leak into the published pages
         assert str(REPO) not in page.read_text(), page.name
     assert f".../{smoke_run.name}" in (html / "01_table1_main_results.html").read_text()  # the provenance line
+    front = (html / "intro.html").read_text()  # the status block, above the method's description
+    assert "This build:" in front and "Not reproduced by this build" in front
+    assert front.index("This build:") < front.index("id=\"the-three-stages\"")
+    study = report.load_study(smoke_run)
+    assert study.commit in front and report.study_date(study) in front
     page = (html / "01_table1_main_results.html").read_text()  # launch buttons open the source notebook
     assert "colab.research.google.com/github/example/ppcr/blob/main/notebooks/01_table1_main_results.ipynb" in page
     assert "mybinder.org/v2/gh/example/ppcr/main" in page and "https://github.com/example/ppcr/issues" in page
@@ -245,3 +250,19 @@ def test_a_failing_notebook_fails_the_build(smoke_run: Path, tmp_path: Path,
     assert build("smoke", smoke_run, progress=False, book_dir=book_dir, notebooks_dir=notebooks) == 1
     err = capsys.readouterr().err
     assert "01_broken.ipynb" in err and "broken on purpose" in err
+
+
+def test_status_block_says_what_is_reproduced_and_what_is_not(smoke_run: Path) -> None:
+    study = report.load_study(smoke_run)
+    table = report.status_table(study)
+    assert [r["split"] for r in table.rows] == ["synref/val", "synref+/val", "synrefg/val"]
+    row = table.rows[0]
+    for variant in ("glamm", "ppcr"):
+        assert row[variant] == pytest.approx(report.cell(study, variant, "synref/val", "mIoU").mean)
+    notes = report.not_reproduced(study)
+    assert any("LLaVA-1.5-7B" in n for n in notes)  # SynRef only: the paper's setting is not run
+    assert any("One training seed" in n for n in notes)
+    ppcr_acc = max(r["box_acc"] for r in table.rows)
+    assert any("Spatial grounding" in n for n in notes) == (ppcr_acc < report.GROUNDED_BOX_ACC)
+    text = report.status_markdown(study)
+    assert text.count("\n| ") == len(table.rows) + 2 and "smoke" in text

@@ -24,6 +24,7 @@ re-exports their names, so `from ppcr import report; report.table1(study)` reads
     breakdowns       breakdowns by group, failure cases
     examples         figures' inputs (images, masks) for ppcr.viz
     provenance_line  provenance (named so that `report.provenance` stays the function)
+    status           the front page's status block: what this build reproduced and what it did not
     notebook         small helpers for the notebooks' charts and sentences, the explorer glue
 """
 
@@ -43,6 +44,7 @@ from ppcr.report.breakdowns import (AMBIGUITY_FROM, OCCLUSION_BELOW, breakdown, 
                                     failure_reason, failure_table)
 from ppcr.report.examples import entity_example, failure_figure_rows, qualitative_examples
 from ppcr.report.provenance_line import provenance
+from ppcr.report.status import not_reproduced, status_markdown, status_table, study_date
 from ppcr.report.notebook import SHOWN_VARIANTS, explorer_start, make_explorer, metric_rows, summary_line
 
 # the public names; the private ones imported above (_CACHE: the one cache dict of load_study; _paper_delta:
@@ -58,4 +60,5 @@ __all__ = [
     "GROUNDED_BOX_ACC", "claim_verdict", "claims_table", "breakdown", "breakdown_table", "OCCLUSION_BELOW",
     "AMBIGUITY_FROM", "failure_reason", "failure_cases", "failure_table", "failure_figure_rows", "qualitative_examples",
     "entity_example", "provenance", "metric_rows", "summary_line", "SHOWN_VARIANTS", "make_explorer", "explorer_start",
+    "status_table", "status_markdown", "not_reproduced", "study_date",
 ]

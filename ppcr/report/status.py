@@ -1,0 +1,92 @@
+"""The front page's status: what this build reproduced, at which scale, and what it did not (from the results)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+from ppcr.paths import display_path
+from ppcr.report.stats import GROUNDED_BOX_ACC, claims_table
+from ppcr.report.study import Study
+from ppcr.report.tables import Column, Table, cell, fill_gt_cell, format_cell, foundation_text, scale_text
+
+STATUS_VARIANTS = ("glamm", "ppcr", "gt_box_oracle")
+
+
+def study_date(study: Study) -> str:
+    """The UTC date the study's index was written (study.json's modification time)."""
+    stamp = (study.run_dir / "study.json").stat().st_mtime
+    return _dt.datetime.fromtimestamp(stamp, tz=_dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def _first_split_keys(study: Study) -> list[str]:
+    """One "dataset/split" per dataset: its val split where it has one, else its first."""
+    keys: dict[str, str] = {}
+    for key in study.keys:
+        dataset, split = key.split("/", 1)
+        if dataset not in keys or split == "val":
+            keys[dataset] = key
+    return list(keys.values())
+
+
+def status_table(study: Study) -> Table:
+    """One row per dataset (its val split): mIoU of GLaMM, PPCR and the oracle, PPCR's box accuracy, box filling."""
+    shown = [v for v in STATUS_VARIANTS if v in study.results]
+    rows = []
+    for key in _first_split_keys(study):
+        row: dict[str, Any] = {"split": key}
+        for variant in shown:
+            value = cell(study, variant, key, "mIoU")
+            row[variant] = value.mean if value else None
+        acc = cell(study, "ppcr", key, "box_acc@0.5") if "ppcr" in study.results else None
+        row["box_acc"] = acc.mean if acc else None
+        row["fill_gt"] = fill_gt_cell(study, shown, key, "mIoU")
+        rows.append(row)
+    columns = [Column("split", "dataset/split")] + [Column(v, f"{v} mIoU") for v in shown]
+    columns += [Column("box_acc", "ppcr box acc@0.5"), Column("fill_gt", "fill GT box mIoU")]
+    return Table(title=f"Reproduced here: profile {study.profile}, preset {study.preset}", columns=columns, rows=rows,
+                 caption=f"{scale_text(study).rstrip('.')}. {foundation_text(study)}".strip())
+
+
+def not_reproduced(study: Study) -> list[str]:
+    """Plain statements of what this build did not reproduce, read off its results."""
+    notes = []
+    if study.is_synthetic:
+        notes.append("The paper's setting (LLaVA-1.5-7B + SAM ViT-H on RefCOCO/+/g) has not been run: no machine of "
+                     "this project can fetch those weights or that data. Every reproduced number here is a SynRef "
+                     "result of a small model.")
+    keys = _first_split_keys(study)
+    if "ppcr" in study.results:
+        accs = [c.mean for k in keys if (c := cell(study, "ppcr", k, "box_acc@0.5"))]
+        if accs and max(accs) < GROUNDED_BOX_ACC:
+            notes.append(f"Spatial grounding: PPCR's predicted box is right (IoU >= 0.5) for at most {max(accs):.1f} % "
+                         "of the expressions, so at this scale the box does not follow the expression and the "
+                         "claims about how the spatial prompt is built cannot be tested.")
+    if len(study.seeds) < 2:
+        notes.append(f"One training seed ({study.seeds}): no spread over seeds, only paired-bootstrap intervals "
+                     "over expressions.")
+    verdicts: dict[str, set[str]] = {}
+    for row in claims_table(study, n_boot=300).rows:
+        verdicts.setdefault(row["claim"], set()).add(row["verdict"].split(":")[0])
+    for claim, found in verdicts.items():
+        if found != {"supported"}:
+            notes.append(f"The paper's claim \u201c{claim}\u201d: {', '.join(sorted(found))} over the evaluated "
+                         "splits (page 3 has the intervals).")
+    return notes
+
+
+def status_markdown(study: Study) -> str:
+    """The front page's block: the run line, the headline table (markdown) and what is not reproduced."""
+    table = status_table(study)
+    header = "| " + " | ".join(c.label for c in table.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(format_cell(row.get(c.key), 1) for c in table.columns) + " |" for row in table.rows]
+    lines = [
+        f"**This build:** profile `{study.profile}` (preset `{study.preset}`), device {study.device}, commit "
+        f"`{study.commit}`, study of {study_date(study)} (`{display_path(study.run_dir)}`), seeds {study.seeds}.",
+        "", header, rule, *body, "",
+        f"mIoU and box accuracy in %, on each suite's val split. {table.caption}", "",
+        "**Not reproduced by this build:**", "",
+        *[f"- {note}" for note in not_reproduced(study)], "",
+    ]
+    return "\n".join(lines)
