@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test book data publish clean
+.PHONY: install test book data publish explore clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ book: install
 publish: install
 	@test -f _build/html/index.html || { echo "publish: no _build/html/index.html; run make book first"; exit 1; }
 	$(PY) -m ghp_import --no-jekyll --push --force --message "book: $$(git rev-parse --short HEAD)" _build/html
+
+# The explorer with live models: a copy of notebooks/06_explorer.ipynb with live=True and this run's folder (papermill
+# --prepare-only: parameters injected, nothing executed), opened in JupyterLab; Run All, then type an expression.
+EXPLORER_COPY := $(OUTDIR)/06_explorer_live.ipynb
+explore: install
+	@test -f $(OUTDIR)/study.json || { echo "explore: no study in $(OUTDIR); run make book (or make data + the study) first"; exit 1; }
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q "jupyterlab>=4"
+	$(PY) -m papermill --prepare-only notebooks/06_explorer.ipynb $(EXPLORER_COPY) -p live True -p profile $(PROFILE) -p run_dir $(abspath $(OUTDIR)) -p output_dir $(abspath $(OUTDIR))
+	$(PY) -m jupyter lab $(EXPLORER_COPY)
 
 clean:
 	rm -rf _build runs

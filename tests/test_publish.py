@@ -153,3 +153,24 @@ def test_pages_show_paths_relative_to_the_repository(tmp_path: Path) -> None:
                                f"--data-root={tmp_path / 'refer'}", "a b"])
     assert command == "ppcr/pipeline.py book --out runs/x --data-root=.../refer 'a b'"
     assert str(REPO_ROOT) not in command and str(tmp_path) not in command
+
+
+def test_make_explore_prepares_a_live_copy_of_the_explorer(tmp_path: Path) -> None:
+    (tmp_path / "study.json").write_text("{}")
+    assert "explore" in make_targets()
+    done = subprocess.run(["make", "-n", "explore", f"OUTDIR={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    prepare = next(line for line in done.stdout.splitlines() if "papermill --prepare-only" in line)
+    assert "notebooks/06_explorer.ipynb" in prepare and "-p live True" in prepare and f"-p run_dir {tmp_path}" in prepare
+    assert f"jupyter lab {tmp_path}/06_explorer_live.ipynb" in done.stdout
+    # the prepare step itself (no kernel): the copy carries live=True and the run folder in its injected cell
+    import papermill
+
+    out = tmp_path / "06_explorer_live.ipynb"
+    papermill.execute_notebook(str(REPO / "notebooks" / "06_explorer.ipynb"), str(out), prepare_only=True,
+                               parameters={"live": True, "run_dir": str(tmp_path)})
+    injected = next(c for c in json.loads(out.read_text())["cells"]
+                    if "injected-parameters" in c["metadata"].get("tags", []))
+    assert "live = True" in "".join(injected["source"]) and str(tmp_path) in "".join(injected["source"])
+    missing = subprocess.run(["make", "explore", f"OUTDIR={tmp_path / 'none'}"], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode != 0 and "no study" in missing.stdout

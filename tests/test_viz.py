@@ -197,3 +197,71 @@ def test_explorer_live_run(tiny_refer, model):
     assert explorer.last_live["ppcr"]["expression"] == "the bird in the corner"
     assert len(explorer.output.outputs) == 2 and "live expression" in explorer.status.value
     assert not explorer.run_expression("   ") and "empty" in explorer.status.value
+
+
+def test_static_explorer_links_every_panel_and_needs_no_script(tiny_refer):
+    from html.parser import HTMLParser
+
+    from ppcr.static_explorer import panel_id, static_explorer
+
+    probe = PredictionExplorer(tiny_refer.root, {"refcoco": "unc"})
+    stored = _fake_predictions(probe.rows_for("refcoco", "train"), tiny_refer)
+    explorer = PredictionExplorer(tiny_refer.root, {"refcoco": "unc"},
+                                  predictions={"ppcr": {"refcoco/train": stored}, "glamm": {"refcoco/train": stored}})
+    examples = [("refcoco", "train", 0), ("refcoco", "train", 2)]
+    page = static_explorer(explorer, examples, ["ppcr", "glamm"], explorer_id="x")
+
+    class Collect(HTMLParser):
+        ids, hrefs, imgs, tags = [], [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.append(tag)
+            if tag == "div" and "panel" in attrs.get("class", "").split():
+                self.ids.append(attrs["id"])
+            if tag == "a":
+                self.hrefs.append(attrs["href"])
+            if tag == "img":
+                self.imgs.append(attrs["src"])
+
+    seen = Collect()
+    seen.feed(page)
+    assert seen.ids == [panel_id("x", e, v) for e in range(2) for v in range(2)]
+    assert {h.lstrip("#") for h in seen.hrefs} == set(seen.ids)  # every link lands on a panel, every panel is reached
+    assert len(seen.imgs) == 4 and all(s.startswith("data:image/png;base64,") for s in seen.imgs)
+    assert "script" not in seen.tags and page.count('class="panel first"') == 1
+    assert f"\u201c{probe.rows_for('refcoco', 'train')[2]['expression']}\u201d" in page  # the example's expression
+    with pytest.raises(ValueError):
+        static_explorer(explorer, [], ["ppcr"])
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_static_explorer_switches_panels_in_a_headless_browser(tiny_refer, tmp_path):
+    """The browser shows the first panel, and another one when the URL targets it (what a link click does)."""
+    import subprocess
+
+    from ppcr.static_explorer import panel_id, static_explorer
+
+    probe = PredictionExplorer(tiny_refer.root, {"refcoco": "unc"})
+    stored = _fake_predictions(probe.rows_for("refcoco", "train"), tiny_refer)
+    explorer = PredictionExplorer(tiny_refer.root, {"refcoco": "unc"}, predictions={"ppcr": {"refcoco/train": stored}})
+    page = tmp_path / "explorer.html"
+    page.write_text("<html><body>" + static_explorer(explorer, [("refcoco", "train", 0), ("refcoco", "train", 2)],
+                                                     ["ppcr"], explorer_id="x") + "</body></html>")
+
+    def shot(fragment: str) -> np.ndarray:
+        out = tmp_path / f"shot{fragment or '-none'}.png"
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=500,500",
+                        f"--screenshot={out}", f"file://{page}{fragment}"],
+                       check=True, capture_output=True, timeout=120)
+        return np.asarray(Image.open(out).convert("L"), dtype=np.int16)
+
+    first, second, first_again = shot(""), shot(f"#{panel_id('x', 1, 0)}"), shot(f"#{panel_id('x', 0, 0)}")
+    assert (first < 250).mean() > 0.05  # something is drawn
+    assert np.abs(first - second).mean() > 1.0  # the other example's panel replaced the first
+    assert np.abs(first - first_again).mean() < 0.5  # and its address brings the first back

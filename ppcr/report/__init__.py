@@ -45,7 +45,8 @@ from ppcr.report.breakdowns import (AMBIGUITY_FROM, OCCLUSION_BELOW, breakdown, 
 from ppcr.report.examples import entity_example, failure_figure_rows, qualitative_examples
 from ppcr.report.provenance_line import provenance
 from ppcr.report.status import not_reproduced, status_markdown, status_table, study_date
-from ppcr.report.notebook import SHOWN_VARIANTS, explorer_start, make_explorer, metric_rows, summary_line
+from ppcr.report.notebook import (SHOWN_VARIANTS, explorer_start, make_explorer, metric_rows, static_examples,
+                                  static_view, summary_line)
 
 # the public names; the private ones imported above (_CACHE: the one cache dict of load_study; _paper_delta:
 # used by the tests) are there for code that reached them as report._<name>
@@ -60,5 +61,6 @@ __all__ = [
     "GROUNDED_BOX_ACC", "claim_verdict", "claims_table", "breakdown", "breakdown_table", "OCCLUSION_BELOW",
     "AMBIGUITY_FROM", "failure_reason", "failure_cases", "failure_table", "failure_figure_rows", "qualitative_examples",
     "entity_example", "provenance", "metric_rows", "summary_line", "SHOWN_VARIANTS", "make_explorer", "explorer_start",
+    "static_examples", "static_view",
     "status_table", "status_markdown", "not_reproduced", "study_date",
 ]

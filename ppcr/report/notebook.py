@@ -82,3 +82,27 @@ def explorer_start(explorer: Any, study: Study, variant: str = "ppcr") -> tuple[
             if explorer.stored_prediction(variant, suite, split, row["ref_id"], row["sent_id"]) is not None:
                 return suite, split, row["index"]
     return suite, explorer.splits_for(suite)[0], 0
+
+
+def static_examples(explorer: Any, study: Study, k: int = 6, variant: str = "ppcr") -> list[tuple[str, str, int]]:
+    """Up to `k` (suite, split, index) examples for the kernel-free explorer, taken in turn from each dataset's
+    first split, among the expressions `variant` has a stored prediction for."""
+    pools = []
+    for suite in study.datasets:
+        split = explorer.splits_for(suite)[0]
+        split = "val" if "val" in explorer.splits_for(suite) else split
+        pools.append([(suite, split, row["index"]) for row in explorer.rows_for(suite, split)
+                      if explorer.stored_prediction(variant, suite, split, row["ref_id"], row["sent_id"])])
+    picked: list[tuple[str, str, int]] = []
+    for rank in range(max((len(p) for p in pools), default=0)):
+        picked += [p[rank] for p in pools if rank < len(p)]
+        if len(picked) >= k:
+            break
+    return picked[:k]
+
+
+def static_view(explorer: Any, study: Study, k: int = 6) -> str:
+    """The kernel-free explorer (`ppcr.static_explorer`) over `static_examples` and every variant of the study."""
+    from ppcr.static_explorer import static_explorer
+
+    return static_explorer(explorer, static_examples(explorer, study, k), list(explorer.variants))
