@@ -7,6 +7,7 @@ different generator seed from every other profile, so no demo/val image is ever 
 `ppcr/resources/foundation/` with a manifest:
 
     python -m ppcr.foundation train            # trains stages 0-1 (cached in runs/foundation), copies, manifests
+    python -m ppcr.foundation train --profile foundation_continue   # continues the shipped files' training
     python -m ppcr.foundation verify           # hashes and config match of the shipped files
 
 Profiles with `foundation: shipped` (the demo) start from these files; the others train stages 0-1 themselves.
@@ -33,7 +34,16 @@ from ppcr.model.config import PPCRConfig
 
 FOUNDATION_PROFILE = "foundation"
 REGENERATE = "python -m ppcr.foundation train"
+# a foundation continued by `foundation_continue` (its manifest has `continued_from`) is two segments: the first from
+# scratch (`foundation`), then the continuation
+REGENERATE_CONTINUED = f"{REGENERATE} && {REGENERATE} --profile foundation_continue"
+
+
+def regenerate_hint(manifest: dict[str, Any] | None) -> str:
+    """The command(s) that regenerate the shipped files this manifest describes."""
+    return REGENERATE_CONTINUED if manifest and manifest.get("continued_from") else REGENERATE
 MANIFEST = "manifest.json"
+STAGES = ("sam_pretrain", "mllm_pretrain")
 
 
 class FoundationMismatch(RuntimeError):
@@ -82,19 +92,20 @@ def verify_foundation(config: PPCRConfig, directory: Path | None = None) -> dict
     """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest."""
     directory = directory or foundation_dir()
     manifest = load_manifest(directory)
+    hint = regenerate_hint(manifest)
     for rel, digest in manifest["files"].items():
         path = directory / rel
         if not path.is_file():
-            raise FoundationMismatch(f"shipped foundation file missing: {path}; regenerate with: {REGENERATE}")
+            raise FoundationMismatch(f"shipped foundation file missing: {path}; regenerate with: {hint}")
         if sha256(path) != digest:
             raise FoundationMismatch(f"shipped foundation file {path} does not match its sha256 in the manifest; "
-                                     f"regenerate with: {REGENERATE}")
+                                     f"regenerate with: {hint}")
     want, have = _normalise(manifest["config_signature"]), _normalise(config_signature(config))
     if want != have:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         raise FoundationMismatch(
             f"the shipped foundation was trained with other {', '.join(diff)} settings than the current "
-            f"{config.preset!r} preset; regenerate the weights with: {REGENERATE}")
+            f"{config.preset!r} preset; regenerate the weights with: {hint}")
     return manifest
 
 
@@ -109,7 +120,11 @@ def shipped_weights(config: PPCRConfig, directory: Path | None = None) -> dict[s
 
 def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FOUNDATION_PROFILE,
                      progress: bool = True) -> dict[str, Any]:
-    """Stages 0-1 of `profile_name` (cached under `out`), copied to `dest` with their manifest."""
+    """Stages 0-1 of `profile_name` (cached under `out`), copied to `dest` with their manifest.
+
+    A stage whose spec says `init: shipped` starts from the shipped foundation instead of random weights and trains
+    its steps on top (`foundation_continue`); with no steps, the shipped file is kept as it is. The new manifest
+    records the foundation it continued (`continued_from`), so the lineage of the files stays readable."""
     from ppcr.data.synref import GENERATOR_VERSION
     from ppcr.training.evaluate import device_name, git_commit
     from ppcr.training.profile import load_profile
@@ -118,10 +133,24 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     dest = dest or foundation_dir()
     profile = load_profile(profile_name)
     config = profile.model_config("glamm", 0)
+    # a stage with `init: shipped` and no steps keeps the shipped file as it is
+    kept = [n for n in STAGES if profile.stage(n).init == "shipped" and profile.stage(n).total_steps(1) == 0]
+    continued = [n for n in STAGES if profile.stage(n).init == "shipped" and n not in kept]
+    previous = verify_foundation(config) if kept or continued else None  # what those stages start from
     t0 = time.perf_counter()
     prepare_data(profile, out, progress)
-    sam = run_sam_pretrain(profile, out, 0, resume=True, progress=progress)
-    llava = run_mllm_pretrain(profile, out, 0, resume=True, progress=progress)
+    if "sam_pretrain" in kept:
+        sam = Path(out) / "shipped" / "sam.safetensors"
+        sam.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(foundation_dir() / "sam.safetensors", sam)
+    else:
+        sam = run_sam_pretrain(profile, out, 0, resume=True, progress=progress)
+    if "mllm_pretrain" in kept:
+        llava = Path(out) / "shipped" / "llava"
+        shutil.rmtree(llava, ignore_errors=True)
+        shutil.copytree(foundation_dir() / "llava", llava)
+    else:
+        llava = run_mllm_pretrain(profile, out, 0, resume=True, progress=progress)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -129,23 +158,39 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     shutil.copytree(llava, dest / "llava")
     stages = {}
     for name, produced in (("sam_pretrain", sam), ("mllm_pretrain", llava)):
+        if name in kept:
+            stages[name] = {**previous["stages"][name], "kept_from_previous": True}
+            continue
         done = json.loads((produced.parent / "DONE.json").read_text())
         stages[name] = {k: done.get(k) for k in ("steps", "resumed_from", "wall_s", "samples_per_s", "final_losses",
                                                  "final_eval", "eval_history")}
         stages[name]["loop_config"] = json.loads((produced.parent / "loop_config.json").read_text())
+        if name in continued:
+            weights = "sam.safetensors" if name == "sam_pretrain" else "llava/model.safetensors"
+            stages[name]["continued_from"] = {
+                "sha256": previous["files"][weights],
+                "steps": previous["stages"][name]["steps"] + previous["stages"][name].get("steps_before", 0),
+                "git_commit": previous["git_commit"], "command": previous["command"]}
+            stages[name]["steps_before"] = stages[name]["continued_from"]["steps"]
     files = {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
     manifest = {
         "what": "stage 0 (SAM) and stage 1 (LLaVA) weights of the small preset, trained on SynRef",
-        "command": f"{REGENERATE} --out {out}", "git_commit": git_commit(), "profile": profile_name,
+        "command": f"{REGENERATE} --profile {profile_name} --out {out}" if profile_name != FOUNDATION_PROFILE
+        else f"{REGENERATE} --out {out}",
+        "git_commit": git_commit(), "profile": profile_name,
         "profile_config": profile.to_dict(), "synref_generator_version": GENERATOR_VERSION,
         "config_signature": config_signature(config), "stages": stages,
         "device": device_name(torch.device(profile.device if profile.device != "auto" else "cpu")),
         "torch": torch.__version__, "python": platform.python_version(),
-        "wall_s": round(sum(st["wall_s"] or 0.0 for st in stages.values()), 1),
+        "wall_s": round(sum(st["wall_s"] or 0.0 for n, st in stages.items() if not st.get("kept_from_previous")), 1),
         "wall_note": ("training seconds of each stage's last uninterrupted segment; a stage with resumed_from > 0 "
-                      "was resumed from that step's checkpoint and its earlier segments are not counted"),
+                      "was resumed from that step's checkpoint and its earlier segments are not counted; a stage "
+                      "kept from or continued from the previous foundation does not count that one's time"),
         "copy_wall_s": round(time.perf_counter() - t0, 1), "files": files,
     }
+    if previous is not None:
+        manifest["continued_from"] = {k: previous.get(k) for k in ("command", "git_commit", "profile", "files",
+                                                                    "wall_s", "continued_from")}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

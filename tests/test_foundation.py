@@ -148,3 +148,89 @@ def test_box_frames_match_segment_anythings_predictor(shipped_sam, synref_val):
             theirs, _, _ = predictor.predict(box=box[0].numpy(), multimask_output=False)
         agreements.append(mask_iou(ours.numpy(), theirs[0]))
     assert float(np.mean(agreements)) > 0.95, agreements
+
+
+def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp_path, monkeypatch):
+    """`init: shipped` (the `foundation_continue` profile's recipe, at the smoke profile's size): stage 1 starts from
+    the shipped LLaVA, stage 0's SAM file is kept byte for byte, and the manifest names what it continued."""
+    import yaml
+    from safetensors.torch import load_file
+
+    import ppcr.foundation as foundation
+    from ppcr.training.profile import load_profile
+
+    first = tmp_path / "first"
+    train_foundation(tmp_path / "run1", first, "smoke", progress=False)
+    monkeypatch.setattr(foundation, "foundation_dir", lambda: first)  # "the shipped foundation" of this test
+    raw = yaml.safe_load((Path(foundation.__file__).parent / "training" / "profiles" / "smoke.yaml").read_text())
+    raw["stages"]["sam_pretrain"] = {"init": "shipped"}
+    raw["stages"]["mllm_pretrain"].update(init="shipped", probe_positions="all", probe_weight=5.0, probe_giou=False)
+    profile_path = tmp_path / "smoke_stage1.yaml"
+    profile_path.write_text(yaml.safe_dump(raw))
+
+    second = tmp_path / "second"
+    manifest = train_foundation(tmp_path / "run2", second, str(profile_path), progress=False)
+    previous = json.loads((first / "manifest.json").read_text())
+    assert sha256(second / "sam.safetensors") == previous["files"]["sam.safetensors"]
+    assert manifest["stages"]["sam_pretrain"]["kept_from_previous"]
+    lineage = manifest["stages"]["mllm_pretrain"]["continued_from"]
+    assert lineage["sha256"] == previous["files"]["llava/model.safetensors"]
+    assert manifest["stages"]["mllm_pretrain"]["steps_before"] == load_profile("smoke").stage("mllm_pretrain").steps
+    assert manifest["continued_from"]["files"] == previous["files"]
+    before, after = (load_file(str(d / "llava" / "model.safetensors")) for d in (first, second))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.setattr(foundation, "foundation_dir", lambda: second)
+    verify_foundation(load_profile("smoke").model_config("glamm", 0), second)
+    raw["stages"]["mllm_pretrain"] = {"init": "shipped"}  # no steps: the shipped LLaVA is kept too
+    profile_path.write_text(yaml.safe_dump(raw))
+    third = train_foundation(tmp_path / "run3", tmp_path / "third", str(profile_path), progress=False)
+    assert third["files"] == manifest["files"]
+    assert all(third["stages"][n]["kept_from_previous"] for n in ("sam_pretrain", "mllm_pretrain"))
+
+
+def test_profile_refuses_unknown_stage1_recipes(tmp_path):
+    import yaml
+
+    from ppcr.training.profile import load_profile
+
+    raw = yaml.safe_load((foundation_dir().parents[1] / "training" / "profiles" / "smoke.yaml").read_text())
+    for key, value in (("probe_positions", "middle"), ("init", "imagenet")):
+        bad = json.loads(json.dumps(raw))
+        bad["stages"]["mllm_pretrain"][key] = value
+        path = tmp_path / f"bad_{key}.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ValueError, match=key):
+            load_profile(str(path))
+
+
+def test_stage1_dense_probe_regresses_the_box_from_every_where_answer_position():
+    """probe_positions="all": the probe's L1 is averaged over every answer position of the "where" rows (the first
+    bin's L1 is still logged), the GIoU term is dropped with probe_giou=False, and the gradient reaches the CLIP
+    tower through the image tokens."""
+    import random
+
+    from ppcr.training.stages import MllmPretrainer, normalised_boxes, synref_tokenizer
+
+    tiny = preset_config("tiny")
+    torch.manual_seed(0)
+    module = MllmPretrainer(tiny, synref_tokenizer(), probe_weight=5.0, probe_positions="all", probe_giou=False)
+    batch = {"clip_pixel_values": torch.randn(4, 3, tiny.vision.image_size, tiny.vision.image_size),
+             "expression": ["the red circle", "the blue square", "the big star", "the green ring"],
+             "attributes": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"},
+                            {"size": "large", "shape": "star"}, {"color": "green", "shape": "ring"}],
+             "box": [torch.tensor([4.0, 8.0, 20.0, 30.0])] * 4, "original_size": [(64, 64)] * 4}
+
+    class AllWhere(random.Random):
+        def choice(self, seq):
+            return "where" if "where" in seq else super().choice(seq)
+
+    losses = module(batch, AllWhere(0))
+    hidden, targets = module.answer_hidden(batch, ["where"] * 4, AllWhere(0))
+    gt = normalised_boxes(batch, [True] * 4)
+    every = (module.box_probe(hidden) - gt[:, None]).abs().mean(-1)[targets != -100].mean()
+    torch.testing.assert_close(losses["total"], losses["ce"] + 5.0 * every)
+    losses["total"].backward()
+    patch = module.llava.model.vision_tower.embeddings.patch_embedding.weight.grad
+    assert patch is not None and patch.abs().sum() > 0
+    with pytest.raises(ValueError, match="probe_positions"):
+        MllmPretrainer(tiny, synref_tokenizer(), probe_positions="middle")

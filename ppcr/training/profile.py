@@ -17,7 +17,7 @@ import yaml
 
 from ppcr.model.config import VARIANTS, PPCRConfig, preset_config
 
-PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation")
+PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation", "foundation_continue")
 
 
 @dataclass
@@ -40,6 +40,13 @@ class StageSpec:
     grad_accum: int = 1
     objects_per_image: int = 1  # stage 0: prompts decoded per image encoding (batch_size counts images there)
     box_prob: float = 0.5  # stage 0: share of steps prompted with boxes (the rest with points)
+    # stage 1: the grounding probe's loss (see MllmPretrainer): read at the first box bin ("first") or at every
+    # answer position of a "where" answer ("all"), L1 times probe_weight, plus GIoU when probe_giou
+    probe_positions: str = "first"
+    probe_weight: float = 1.0
+    probe_giou: bool = True
+    # stage 1: start from random weights ("scratch") or continue the shipped foundation's LLaVA ("shipped")
+    init: str = "scratch"
 
     def total_steps(self, n_samples: int) -> int:
         if self.epochs > 0:
@@ -116,6 +123,11 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
     if unknown:
         raise ValueError(f"profile {profile.name}: unknown variants {unknown}")
     preset_config(profile.preset, **profile.model)  # validates the overrides early
+    for stage_name, spec in profile.stages.items():
+        if spec.probe_positions not in ("first", "all"):
+            raise ValueError(f"profile {profile.name}: stage {stage_name} probe_positions must be 'first' or 'all'")
+        if spec.init not in ("scratch", "shipped"):
+            raise ValueError(f"profile {profile.name}: stage {stage_name} init must be 'scratch' or 'shipped'")
     if profile.foundation not in ("train", "shipped"):
         raise ValueError(f"profile {profile.name}: foundation must be 'train' or 'shipped', not {profile.foundation!r}")
     if profile.foundation == "shipped" and (profile.preset != "small" or profile.data_kind != "synref"):

@@ -252,7 +252,8 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
     config = profile.model_config("glamm", seed)
     root = data_root(profile, out)
     fp = profile.fingerprint("sam_pretrain", SAM_PRETRAIN_VERSION, asdict(config.sam), profile.stage("sam_pretrain"),
-                             profile.datasets, profile.data_seed, profile.image_size, data_version(profile), seed)
+                             profile.datasets, profile.data_seed, profile.image_size, data_version(profile), seed,
+                             _shipped_stamp(profile, "sam_pretrain"))
     stage = _stage_dir(out, seed, "sam_pretrain", fp)
     weights = stage / "sam.safetensors"
     if _done(stage):
@@ -261,6 +262,11 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
     torch.manual_seed(seed)
     spec = profile.stage("sam_pretrain")
     module = SamPretrainer(config, spec.objects_per_image, spec.box_prob)
+    if spec.init == "shipped":  # continue the shipped foundation's SAM
+        from ppcr.foundation import shipped_weights
+
+        shipped = build_sam(config.sam, shipped_weights(config)["sam_checkpoint"])
+        module.segmenter.sam.load_state_dict(shipped.state_dict(), strict=True)
     prep = image_prep_for(config)
     data = ConcatDataset([ImageObjectsDataset(Refer(root, d.name, d.split_by), "train", prep)
                           for d in profile.datasets])
@@ -315,8 +321,13 @@ class MllmPretrainer(nn.Module):
     probe's box is the stage-1 analogue of P_seg_box -> F_Map: a hidden state at the answer's box position.
     """
 
-    def __init__(self, config: PPCRConfig, tokenizer, probe_weight: float = 1.0):
+    def __init__(self, config: PPCRConfig, tokenizer, probe_weight: float = 1.0, probe_positions: str = "first",
+                 probe_giou: bool = True):
         super().__init__()
+        if probe_positions not in ("first", "all"):
+            raise ValueError(f"probe_positions must be 'first' or 'all', not {probe_positions!r}")
+        self.probe_positions = probe_positions
+        self.probe_giou = probe_giou
         self.config = config
         self.tokenizer = tokenizer
         self.llava = build_llava(config, tokenizer)
@@ -377,7 +388,14 @@ class MllmPretrainer(nn.Module):
         gt = normalised_boxes(batch, where.tolist()).to(pred.device)
         l1 = torch.nn.functional.l1_loss(pred, gt)
         giou = generalized_box_iou_loss(_ordered(pred), gt, reduction="mean")
-        return {"total": ce + self.probe_weight * (l1 + giou), "ce": ce, "probe_l1": l1, "probe_giou": giou}
+        if self.probe_positions == "all":  # the box from every answer position of the "where" rows: (n, A, 4)
+            valid = targets[where] != -100
+            every = (self.box_probe(hidden[where].float()) - gt[:, None]).abs().mean(-1)  # (n, A)
+            probe = every[valid].mean()
+        else:
+            probe = l1
+        total = ce + self.probe_weight * (probe + giou if self.probe_giou else probe)
+        return {"total": total, "ce": ce, "probe_l1": l1, "probe_giou": giou}
 
     @torch.no_grad()
     def val_metrics(self, data: Dataset, batch_size: int = 16) -> dict[str, float]:
@@ -434,13 +452,31 @@ def synref_tokenizer():
     return build_word_tokenizer(list(vocabulary()) + PRETRAIN_WORDS)
 
 
+def load_shipped_llava(module: MllmPretrainer, config: PPCRConfig) -> None:
+    """Load the shipped foundation's LLaVA (verified against its manifest; transformers maps the saved layout's
+    names) into `module.llava`."""
+    from ppcr.foundation import shipped_weights
+
+    shipped = build_llava(config.replace(llava_path=shipped_weights(config)["llava_path"]), module.tokenizer)
+    module.llava.load_state_dict(shipped.state_dict(), strict=True)
+
+
+def _shipped_stamp(profile: Profile, stage_name: str) -> str | None:
+    """The sha256 of the shipped weights a stage continues (`init: shipped`; part of its fingerprint), else None."""
+    if profile.stage(stage_name).init != "shipped":
+        return None
+    from ppcr.foundation import load_manifest
+
+    return load_manifest()["files"]["sam.safetensors" if stage_name == "sam_pretrain" else "llava/model.safetensors"]
+
+
 def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
     """Returns a folder in the llava-hf layout (config.json, safetensors, tokenizer) for the later stages."""
     config = profile.model_config("glamm", seed)
     root = data_root(profile, out)
     fp = profile.fingerprint("mllm_pretrain", MLLM_PRETRAIN_VERSION, asdict(config.vision), asdict(config.text), config.system_prompt,
                              profile.stage("mllm_pretrain"), profile.datasets, profile.data_seed, profile.image_size,
-                             data_version(profile), seed)
+                             data_version(profile), seed, _shipped_stamp(profile, "mllm_pretrain"))
     stage = _stage_dir(out, seed, "mllm_pretrain", fp)
     llava_dir = stage / "llava"
     if _done(stage):
@@ -448,7 +484,10 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     _fresh(stage, resume)
     torch.manual_seed(seed)
     tokenizer = synref_tokenizer()
-    module = MllmPretrainer(config, tokenizer)
+    spec = profile.stage("mllm_pretrain")
+    module = MllmPretrainer(config, tokenizer, spec.probe_weight, spec.probe_positions, spec.probe_giou)
+    if spec.init == "shipped":  # continue the shipped foundation's LLaVA (the probe starts fresh)
+        load_shipped_llava(module, config)
     prep = image_prep_for(config)
     data = ConcatDataset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep)])
     cfg = loop_config(profile, "mllm_pretrain", seed, len(data))

@@ -2,6 +2,7 @@
 on multi-object scenes (STEPS).
 
     BOXW=5 NOBJ=4 VSTEPS=300 OMP_NUM_THREADS=1 python notes/experiments/localisation/dense.py densebox 300
+    BOXW=5 NOBJ=0 VSTEPS=300 PW=25 PROBE_ALL=1 OMP_NUM_THREADS=1 python notes/experiments/localisation/dense.py d 600
 """
 import os, random, sys, time
 import numpy as np, torch
@@ -13,12 +14,13 @@ from ppcr.data import synref_scene as SC
 from ppcr.data.synref_language import COLORS, SHAPES
 name, steps = sys.argv[1], int(sys.argv[2])
 NOBJ = int(os.environ.get("NOBJ", "4")); VSTEPS = int(os.environ.get("VSTEPS", "0")); LR = float(os.environ.get("LR", "3e-4")); BOXW = float(os.environ.get("BOXW", "0"))
+PW = float(os.environ.get("PW", "5")); PROBE_ALL = os.environ.get("PROBE_ALL", "0") == "1"  # as retrieval/retrieve.py
 prof = load_profile("foundation"); config = prof.model_config("glamm", 0)
 torch.manual_seed(0); tok = S.synref_tokenizer(); m = S.MllmPretrainer(config, tok); prep = image_prep_for(config)
 G = config.vision.image_size // config.vision.patch_size  # 8
 
 def sample(rng):
-    cols = rng.choice(len(COLORS), NOBJ, replace=False)
+    cols = rng.choice(len(COLORS), NOBJ if NOBJ > 0 else int(rng.integers(1, 5)), replace=False)  # NOBJ=0: 1-4
     attrs = [{"shape": SHAPES[int(rng.integers(len(SHAPES)))], "color": COLORS[c], "size": ["small", "medium", "large"][int(rng.integers(3))], "pattern": "plain"} for c in cols]
     objs = SC.place_objects(rng, attrs, 256); img = SC.render_image(rng, objs, 256, False, False)
     t = objs[int(rng.integers(len(objs)))]
@@ -74,12 +76,16 @@ def evaluate():
 opt = torch.optim.AdamW(m.parameters(), lr=LR, betas=(0.9, 0.95))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
 rng = np.random.default_rng(0); prng = random.Random(0)
-print(name, "NOBJ", NOBJ, "VSTEPS", VSTEPS, "val", evaluate(), flush=True)
+print(name, "NOBJ", NOBJ, "VSTEPS", VSTEPS, "BOXW", BOXW, "PW", PW, "PROBE_ALL", PROBE_ALL, "val", evaluate(), flush=True)
 for step in range(1, steps + 1):
     b = batch(rng, 16); tasks = ["where"] * 16
     hidden, targets = m.answer_hidden(b, tasks, prng)
     ce = torch.nn.functional.cross_entropy(m.llava.get_output_embeddings()(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    l1 = torch.nn.functional.l1_loss(m.probe_boxes(hidden, targets), S.normalised_boxes(b, [True] * 16))
-    loss = ce + 5 * l1
+    gt = S.normalised_boxes(b, [True] * 16)
+    if PROBE_ALL:
+        l1 = (m.box_probe(hidden) - gt[:, None]).abs().mean(-1)[targets != -100].mean()
+    else:
+        l1 = torch.nn.functional.l1_loss(m.probe_boxes(hidden, targets), gt)
+    loss = ce + PW * l1
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step()
     if step % 50 == 0: print(step, f"ce {ce.item():.3f} l1 {l1.item():.3f} val {evaluate()} {time.time()-t0:.0f}s", flush=True)
