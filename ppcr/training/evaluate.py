@@ -129,7 +129,7 @@ def evaluate_model(model: PPCRModel, root: str | Path, datasets: list[DataSpec],
         "seed": model.config.seed, "device": device_name(device), "torch": torch.__version__,
         "wall_s": round(wall, 2), "expressions": n, "expressions_per_s": round(n / max(wall, 1e-9), 3),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "max_expressions_per_split": max_expressions, "prefix_cache": model.prefix_cache,
+        "max_expressions_per_split": max_expressions, "prefix_cache": getattr(model, "prefix_cache", None),
         "command": " ".join(sys.argv),
         **(meta or {}),
     }
