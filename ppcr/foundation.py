@@ -172,6 +172,10 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
                 "steps": previous["stages"][name]["steps"] + previous["stages"][name].get("steps_before", 0),
                 "git_commit": previous["git_commit"], "command": previous["command"]}
             stages[name]["steps_before"] = stages[name]["continued_from"]["steps"]
+            # the whole curve, earlier segments first, in steps counted from the first segment's start
+            earlier = previous["stages"][name].get("eval_history_all") or previous["stages"][name].get("eval_history")
+            stages[name]["eval_history_all"] = list(earlier or []) + [
+                {**r, "step": r["step"] + stages[name]["steps_before"]} for r in stages[name]["eval_history"] or []]
     files = {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
     manifest = {
         "what": "stage 0 (SAM) and stage 1 (LLaVA) weights of the small preset, trained on SynRef",

@@ -292,7 +292,8 @@ def shipped_records(manifest: str | Path | None = None) -> tuple[list[Record], l
         return [], [f"the shipped foundation's manifest {path} is unreadable ({err}): its curves are not shown"]
     records, notes = [], []
     for name in FOUNDATION_STAGES:
-        history = (stages.get(name) or {}).get("eval_history") or []
+        stage = stages.get(name) or {}
+        history = stage.get("eval_history_all") or stage.get("eval_history") or []  # all segments of a continued one
         if history:
             records += history_records(name, None, 0, history, origin=SHIPPED)
         else:

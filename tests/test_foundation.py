@@ -177,6 +177,10 @@ def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp
     assert lineage["sha256"] == previous["files"]["llava/model.safetensors"]
     assert manifest["stages"]["mllm_pretrain"]["steps_before"] == load_profile("smoke").stage("mllm_pretrain").steps
     assert manifest["continued_from"]["files"] == previous["files"]
+    history = manifest["stages"]["mllm_pretrain"]["eval_history_all"]  # the curve over both segments, one step axis
+    steps = [r["step"] for r in history]
+    assert steps == sorted(steps) and len(history) == len(previous["stages"]["mllm_pretrain"]["eval_history"]) + len(
+        manifest["stages"]["mllm_pretrain"]["eval_history"])
     before, after = (load_file(str(d / "llava" / "model.safetensors")) for d in (first, second))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     monkeypatch.setattr(foundation, "foundation_dir", lambda: second)
