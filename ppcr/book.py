@@ -166,8 +166,8 @@ def build(profile: Profile | str, out: str | Path, progress: bool = True, book_d
         print(f"book: FAILED: {err}", file=sys.stderr, flush=True)
         return 1
     index = config.parent / "_build" / "html" / "index.html"
-    print(f"book: the HTML is at {index} (open it in a browser; the explorer page needs a kernel to interact: "
-          f"jupyter lab notebooks/06_explorer.ipynb)", flush=True)
+    print(f"book: the HTML is at {index} (open it in a browser; the explorer with live models: make explore)",
+          flush=True)
     return 0
 
 

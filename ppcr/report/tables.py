@@ -247,9 +247,15 @@ def foundation_text(study: Study) -> str:
     if not study.is_synthetic:
         return "Starting weights: the profile's local LLaVA and SAM paths. "
     if cfg.get("foundation") == "shipped":
+        from ppcr.foundation import REGENERATE, FoundationMismatch, load_manifest, regenerate_hint
+
+        try:
+            hint = regenerate_hint(load_manifest())
+        except FoundationMismatch:  # no manifest: the caption still reads; `verify` names the problem
+            hint = REGENERATE
         return ("Starting weights (stand-ins for pretrained SAM and LLaVA): the shipped foundation, stages 0-1 of the "
                 "small preset trained on separate SynRef scenes (ppcr/resources/foundation/manifest.json; "
-                "regenerate: python -m ppcr.foundation train). ")
+                f"regenerate: {hint}). ")
     return "Starting weights: stages 0-1 trained inside this run (its own SynRef training split). "
 
 
