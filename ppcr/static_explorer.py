@@ -52,7 +52,8 @@ def static_explorer(explorer: "PredictionExplorer", examples: list[tuple[str, st
         expression = explorer.rows_for(suite, split)[index]["expression"]
         for v, variant in enumerate(variants):
             png = _png(explorer.render(suite, split, index, [variant]))
-            variant_links = " ".join(_link(panel_id(explorer_id, e, k), name, k == v) for k, name in enumerate(variants))
+            variant_links = " ".join(_link(panel_id(explorer_id, e, k), name, k == v)
+                                     for k, name in enumerate(variants))
             prev = _link(panel_id(explorer_id, (e - 1) % len(examples), v), "\u2190 previous")
             nxt = _link(panel_id(explorer_id, (e + 1) % len(examples), v), "next \u2192")
             first = " first" if e == 0 and v == 0 else ""
