@@ -3,6 +3,10 @@ on multi-object scenes (STEPS).
 
     BOXW=5 NOBJ=4 VSTEPS=300 OMP_NUM_THREADS=1 python notes/experiments/localisation/dense.py densebox 300
     BOXW=5 NOBJ=0 VSTEPS=300 PW=25 PROBE_ALL=1 OMP_NUM_THREADS=1 python notes/experiments/localisation/dense.py d 600
+    FREEZE_V=1 BOXW=5 NOBJ=0 VSTEPS=900 PW=25 PROBE_ALL=1 OMP_NUM_THREADS=1 python ... dense.py freeze900 500
+
+NOBJ=0: 1-4 objects per scene; PW, PROBE_ALL: the probe's weight and positions (as retrieval/retrieve.py);
+FREEZE_V=1: the dense-pretrained tower stays frozen in the LLM phase.
 """
 import os, random, sys, time
 import numpy as np, torch
@@ -15,6 +19,7 @@ from ppcr.data.synref_language import COLORS, SHAPES
 name, steps = sys.argv[1], int(sys.argv[2])
 NOBJ = int(os.environ.get("NOBJ", "4")); VSTEPS = int(os.environ.get("VSTEPS", "0")); LR = float(os.environ.get("LR", "3e-4")); BOXW = float(os.environ.get("BOXW", "0"))
 PW = float(os.environ.get("PW", "5")); PROBE_ALL = os.environ.get("PROBE_ALL", "0") == "1"  # as retrieval/retrieve.py
+FREEZE_V = os.environ.get("FREEZE_V", "0") == "1"  # keep the (dense-pretrained) vision tower frozen in the LLM phase
 prof = load_profile("foundation"); config = prof.model_config("glamm", 0)
 torch.manual_seed(0); tok = S.synref_tokenizer(); m = S.MllmPretrainer(config, tok); prep = image_prep_for(config)
 G = config.vision.image_size // config.vision.patch_size  # 8
@@ -73,10 +78,13 @@ def evaluate():
             ious += torch.diag(box_iou(S._ordered(m.probe_boxes(h, t)), S.normalised_boxes(b, [True] * 32))).tolist()
     m.train(); return round(100 * float(np.mean(ious)), 2), round(100 * float(np.mean(np.array(ious) >= 0.5)), 2)
 
-opt = torch.optim.AdamW(m.parameters(), lr=LR, betas=(0.9, 0.95))
+if FREEZE_V:
+    m.llava.model.vision_tower.requires_grad_(False)
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.95))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
 rng = np.random.default_rng(0); prng = random.Random(0)
-print(name, "NOBJ", NOBJ, "VSTEPS", VSTEPS, "BOXW", BOXW, "PW", PW, "PROBE_ALL", PROBE_ALL, "val", evaluate(), flush=True)
+print(name, "NOBJ", NOBJ, "VSTEPS", VSTEPS, "BOXW", BOXW, "PW", PW, "PROBE_ALL", PROBE_ALL,
+      "FREEZE_V", FREEZE_V, "val", evaluate(), flush=True)
 for step in range(1, steps + 1):
     b = batch(rng, 16); tasks = ["where"] * 16
     hidden, targets = m.answer_hidden(b, tasks, prng)
