@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ppcr.book import add_repository_arguments
 from ppcr.training.profile import Profile, load_profile
 
 
@@ -97,12 +98,9 @@ def _is_current(results: Path, checkpoint: Path) -> bool:
 
 def build_book(profile: Profile, out: Path, progress: bool = True, repo_url: str | None = None,
                repo_branch: str | None = None) -> int:
-    try:
-        from ppcr.book import build  # noqa: F401  (the notebooks and the Jupyter Book)
-    except ModuleNotFoundError:
-        print(f"make book: the study at profile {profile.name!r} is done ({out}/study.json); the book stage "
-              f"(notebooks -> Jupyter Book) does not exist yet, so this is as far as `make book` goes.")
-        return 0
+    """The notebooks -> Jupyter Book step of `make book`, on the study in `out`."""
+    from ppcr.book import build
+
     return build(profile, out, progress=progress, repo_url=repo_url, repo_branch=repo_branch)
 
 
@@ -116,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--foundation", choices=("train", "shipped"),
                         help="stages 0-1: train them in this run, or start from the shipped weights (profile default)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--repo-url", help="book: the repository it links to (default: _config.yml's)")
-    parser.add_argument("--repo-branch", help="book: its branch (default: _config.yml's)")
+    add_repository_arguments(parser)  # book: the repository its buttons link to
     args = parser.parse_args(argv)
     profile = load_profile(args.profile, {"data_root": args.data_root, "foundation": args.foundation})
     out = Path(args.out or f"runs/{profile.name}")

@@ -1,7 +1,7 @@
 """The live explorer in a real browser: JupyterLab serves a `make explore`-style copy of notebooks/06_explorer.ipynb
 (live=True) over a smoke study, headless Chromium runs it, types a new expression, presses Run and sees the panel
-change. Needs JupyterLab, Playwright's Python package and Debian's chromium (`pip install -e ".[browser]"`,
-`apt-get install chromium`); skipped, saying which is missing, otherwise. PPCR_SCREENSHOTS=DIR keeps the
+change. Needs JupyterLab and Playwright's Python package (both in the dev extras, so `make test` has them) and Debian's
+chromium (`.ci/run` installs it); skipped, saying which is missing, otherwise. PPCR_SCREENSHOTS=DIR keeps the
 screenshots (before and after the new expression) in DIR.
 """
 

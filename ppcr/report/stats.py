@@ -78,18 +78,23 @@ def _bootstrap_rows(a: list[dict], b: list[dict], metric: str, n_boot: int, seed
                             **kwargs)
 
 
+def _paired_splits(study: Study, baseline: str, candidate: str):
+    """(key, baseline rows, candidate rows) for every dataset/split where both variants have paired rows."""
+    if baseline not in study.results or candidate not in study.results:
+        return
+    for key in study.keys:
+        a, b = paired_rows(study, baseline, candidate, key)
+        if a:
+            yield key, a, b
+
+
 def bootstrap_gains(study: Study, pairs: tuple[tuple[str, str], ...] = BOOTSTRAP_PAIRS,
                     metrics: tuple[str, ...] = ("mIoU", "oIoU"), n_boot: int = 2000, seed: int = 0) -> Table:
     """Paired bootstrap 95% intervals of candidate - baseline (percentage points) per dataset/split and metric,
     pooled over seeds (pairs are (seed, ref_id, sent_id)); whether the interval excludes 0."""
     rows = []
     for baseline, candidate in pairs:
-        if baseline not in study.results or candidate not in study.results:
-            continue
-        for key in study.keys:
-            a, b = paired_rows(study, baseline, candidate, key)
-            if not a:
-                continue
+        for key, a, b in _paired_splits(study, baseline, candidate):
             for metric in metrics:
                 res = _bootstrap_rows(a, b, metric, n_boot, seed)
                 excludes = res["ci_low"] > 0 or res["ci_high"] < 0
@@ -135,12 +140,7 @@ def claims_table(study: Study, metric: str = "mIoU", n_boot: int = 2000, seed: i
     """Which of the paper's claims this run supports, per dataset/split, from paired bootstrap intervals."""
     rows = []
     for claim, baseline, candidate, direction in CLAIMS:
-        if baseline not in study.results or candidate not in study.results:
-            continue
-        for key in study.keys:
-            a, b = paired_rows(study, baseline, candidate, key)
-            if not a:
-                continue
+        for key, a, b in _paired_splits(study, baseline, candidate):
             res = _bootstrap_rows(a, b, metric, n_boot, seed)
             paper = _paper_delta(baseline, candidate, key)
             (cand_text, cand_acc), (base_text, base_acc) = (_box_acc_text(study, v, key) for v in (candidate, baseline))

@@ -8,7 +8,7 @@ from typing import Any
 from ppcr.paths import display_path
 from ppcr.report.stats import GROUNDED_BOX_ACC, claims_table
 from ppcr.report.study import Study
-from ppcr.report.tables import Column, Table, cell, fill_gt_cell, format_cell, foundation_text, scale_text
+from ppcr.report.tables import Column, Table, cell, fill_gt_cell, foundation_text, scale_text, to_markdown
 
 STATUS_VARIANTS = ("glamm", "ppcr", "gt_box_oracle")
 
@@ -44,8 +44,9 @@ def status_table(study: Study) -> Table:
         rows.append(row)
     columns = [Column("split", "dataset/split")] + [Column(v, f"{v} mIoU") for v in shown]
     columns += [Column("box_acc", "ppcr box acc@0.5"), Column("fill_gt", "fill GT box mIoU")]
-    return Table(title=f"Reproduced here: profile {study.profile}, preset {study.preset}", columns=columns, rows=rows,
-                 caption=f"{scale_text(study).rstrip('.')}. {foundation_text(study)}".strip())
+    caption = (f"mIoU and box accuracy in %, on each suite's val split. {scale_text(study).rstrip('.')}. "
+               f"{foundation_text(study)}")
+    return Table(title="", columns=columns, rows=rows, caption=caption.strip(), digits=1)
 
 
 def not_reproduced(study: Study) -> list[str]:
@@ -77,15 +78,10 @@ def not_reproduced(study: Study) -> list[str]:
 
 def status_markdown(study: Study) -> str:
     """The front page's block: the run line, the headline table (markdown) and what is not reproduced."""
-    table = status_table(study)
-    header = "| " + " | ".join(c.label for c in table.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    body = ["| " + " | ".join(format_cell(row.get(c.key), 1) for c in table.columns) + " |" for row in table.rows]
     lines = [
         f"**This build:** profile `{study.profile}` (preset `{study.preset}`), device {study.device}, commit "
         f"`{study.commit}`, study of {study_date(study)} (`{display_path(study.run_dir)}`), seeds {study.seeds}.",
-        "", header, rule, *body, "",
-        f"mIoU and box accuracy in %, on each suite's val split. {table.caption}", "",
+        "", to_markdown(status_table(study)), "",
         "**Not reproduced by this build:**", "",
         *[f"- {note}" for note in not_reproduced(study)], "",
     ]

@@ -45,7 +45,7 @@ class StageSpec:
     probe_positions: str = "first"
     probe_weight: float = 1.0
     probe_giou: bool = True
-    # stage 1: start from random weights ("scratch") or continue the shipped foundation's LLaVA ("shipped")
+    # stages 0-1: start from random weights ("scratch") or from the shipped foundation's ("shipped"; no steps: keep it)
     init: str = "scratch"
 
     def total_steps(self, n_samples: int) -> int:
