@@ -34,14 +34,17 @@ from ppcr.model.config import PPCRConfig
 
 FOUNDATION_PROFILE = "foundation"
 REGENERATE = "python -m ppcr.foundation train"
-# a foundation continued by `foundation_continue` (its manifest has `continued_from`) is two segments: the first from
-# scratch (`foundation`), then the continuation
-REGENERATE_CONTINUED = f"{REGENERATE} && {REGENERATE} --profile foundation_continue"
 
 
 def regenerate_hint(manifest: dict[str, Any] | None) -> str:
-    """The command(s) that regenerate the shipped files this manifest describes."""
-    return REGENERATE_CONTINUED if manifest and manifest.get("continued_from") else REGENERATE
+    """The command(s) that regenerate the shipped files this manifest describes: a foundation continued from an
+    earlier one (`continued_from`, e.g. by `foundation_continue`) is its segments' commands, oldest first."""
+    commands: list[str] = []
+    segment = manifest
+    while segment:
+        commands.insert(0, segment.get("command") or REGENERATE)
+        segment = segment.get("continued_from")
+    return " && ".join(commands) if commands else REGENERATE
 MANIFEST = "manifest.json"
 STAGES = ("sam_pretrain", "mllm_pretrain")
 
@@ -163,7 +166,8 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
             continue
         done = json.loads((produced.parent / "DONE.json").read_text())
         stages[name] = {k: done.get(k) for k in ("steps", "resumed_from", "wall_s", "samples_per_s", "final_losses",
-                                                 "final_eval", "eval_history")}
+                                                 "final_eval", "eval_history", "vision_pretrain")
+                          if k != "vision_pretrain" or done.get(k)}
         stages[name]["loop_config"] = json.loads((produced.parent / "loop_config.json").read_text())
         if name in continued:
             weights = "sam.safetensors" if name == "sam_pretrain" else "llava/model.safetensors"
@@ -186,7 +190,8 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "config_signature": config_signature(config), "stages": stages,
         "device": device_name(torch.device(profile.device if profile.device != "auto" else "cpu")),
         "torch": torch.__version__, "python": platform.python_version(),
-        "wall_s": round(sum(st["wall_s"] or 0.0 for n, st in stages.items() if not st.get("kept_from_previous")), 1),
+        "wall_s": round(sum((st["wall_s"] or 0.0) + ((st.get("vision_pretrain") or {}).get("wall_s") or 0.0)
+                            for n, st in stages.items() if not st.get("kept_from_previous")), 1),
         "wall_note": ("training seconds of each stage's last uninterrupted segment; a stage with resumed_from > 0 "
                       "was resumed from that step's checkpoint and its earlier segments are not counted; a stage "
                       "kept from or continued from the previous foundation does not count that one's time"),

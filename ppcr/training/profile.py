@@ -17,7 +17,7 @@ import yaml
 
 from ppcr.model.config import VARIANTS, PPCRConfig, preset_config
 
-PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation", "foundation_continue")
+PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation", "foundation_continue", "foundation_dense")
 
 
 @dataclass
@@ -47,6 +47,8 @@ class StageSpec:
     probe_giou: bool = True
     # stages 0-1: start from random weights ("scratch") or from the shipped foundation's ("shipped"; no steps: keep it)
     init: str = "scratch"
+    # stage 1: keep the CLIP tower frozen (as LLaVA's own stage 1 does), e.g. after the `vision_pretrain` stage
+    freeze_vision: bool = False
 
     def total_steps(self, n_samples: int) -> int:
         if self.epochs > 0:
@@ -67,7 +69,8 @@ class Profile:
     seeds: list[int] = field(default_factory=lambda: [0])
     variants: list[str] = field(default_factory=lambda: ["glamm", "spatial_re", "spatial_re_seg", "ppcr",
                                                          "attn_box"])
-    stages: dict[str, StageSpec] = field(default_factory=dict)  # sam_pretrain, mllm_pretrain, glamm, variants
+    # sam_pretrain, [vision_pretrain,] mllm_pretrain, glamm, variants
+    stages: dict[str, StageSpec] = field(default_factory=dict)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0

@@ -43,7 +43,7 @@ from ppcr.training.cache import SamEmbeddingCache, module_fingerprint
 from ppcr.metrics import box_iou
 from ppcr.training.diagnostics import batches, ris_val_metrics, sam_prompt_metrics, val_subset
 from ppcr.training.loop import LoopConfig, TrainResult, train_loop
-from ppcr.training.profile import Profile
+from ppcr.training.profile import Profile, StageSpec
 
 SAM_PRETRAIN_VERSION = 3  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
 MLLM_PRETRAIN_VERSION = 2  # the same for stage 1
@@ -470,24 +470,83 @@ def _shipped_stamp(profile: Profile, stage_name: str) -> str | None:
     return load_manifest()["files"]["sam.safetensors" if stage_name == "sam_pretrain" else "llava/model.safetensors"]
 
 
+def _vision_stage(profile: Profile) -> StageSpec | None:
+    """The profile's `vision_pretrain` stage (stage 1a), or None when it has none or it has no steps."""
+    spec = profile.stages.get("vision_pretrain")
+    return spec if spec is not None and spec.total_steps(1) > 0 else None
+
+
+def run_vision_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
+    """Stage 1a (`ppcr.training.vision_pretrain`): returns the dense-pretrained CLIP tower's safetensors file."""
+    from ppcr.training.vision_pretrain import (VISION_PRETRAIN_VERSION, DenseVisionPretrainer, build_vision_tower,
+                                               collate_patch_targets, patch_targets_data)
+
+    config = profile.model_config("glamm", seed)
+    if profile.data_kind != "synref":
+        raise ValueError(f"profile {profile.name}: vision_pretrain needs SynRef's per-object attributes "
+                         f"(data_kind synref), not {profile.data_kind!r}")
+    root = data_root(profile, out)
+    fp = profile.fingerprint("vision_pretrain", VISION_PRETRAIN_VERSION, asdict(config.vision),
+                             config.vision_feature_layer, profile.stage("vision_pretrain"), profile.datasets,
+                             profile.data_seed, profile.image_size, data_version(profile), seed)
+    stage = _stage_dir(out, seed, "vision_pretrain", fp)
+    weights = stage / "vision_tower.safetensors"
+    if _done(stage):
+        return weights
+    _fresh(stage, resume)
+    torch.manual_seed(seed)
+    module = DenseVisionPretrainer(build_vision_tower(config, synref_tokenizer()), config.vision_feature_layer)
+    prep = image_prep_for(config)
+    grid = config.vision.image_size // config.vision.patch_size
+    data = patch_targets_data(root, profile.datasets, "train", prep, grid)
+    cfg = loop_config(profile, "vision_pretrain", seed, len(data))
+    evaluate = None
+    if profile.diag_expressions:
+        val = patch_targets_data(root, profile.datasets, "val", prep, grid, profile.diag_expressions)
+        evaluate = lambda m: m.val_metrics(val, profile.eval_batch_size)  # noqa: E731
+    result = train_loop(module, lambda m, b, r: m(b, r), data, collate_patch_targets, cfg, stage, resume=resume,
+                        desc=f"stage 1a dense vision pretraining (seed {seed})", progress=progress,
+                        evaluate=evaluate, eval_every=profile.diag_every)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.vision_tower.state_dict().items()}, str(weights))
+    _mark_done(stage, result, output=str(weights))
+    return weights
+
+
 def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
-    """Returns a folder in the llava-hf layout (config.json, safetensors, tokenizer) for the later stages."""
+    """Returns a folder in the llava-hf layout (config.json, safetensors, tokenizer) for the later stages.
+
+    With a `vision_pretrain` stage in the profile, its dense-pretrained CLIP tower (stage 1a) replaces the random
+    one first; `freeze_vision` keeps the tower frozen here."""
     config = profile.model_config("glamm", seed)
     root = data_root(profile, out)
+    spec = profile.stage("mllm_pretrain")
+    vision = _vision_stage(profile)
+    if vision is not None and spec.init == "shipped":
+        raise ValueError(f"profile {profile.name}: mllm_pretrain continues the shipped LLaVA (init: shipped), so it "
+                         "cannot also start from a new vision_pretrain tower")
+    extra = [] if vision is None else ["vision_pretrain", vision]
     fp = profile.fingerprint("mllm_pretrain", MLLM_PRETRAIN_VERSION, asdict(config.vision), asdict(config.text), config.system_prompt,
-                             profile.stage("mllm_pretrain"), profile.datasets, profile.data_seed, profile.image_size,
-                             data_version(profile), seed, _shipped_stamp(profile, "mllm_pretrain"))
+                             spec, profile.datasets, profile.data_seed, profile.image_size,
+                             data_version(profile), seed, _shipped_stamp(profile, "mllm_pretrain"), *extra)
     stage = _stage_dir(out, seed, "mllm_pretrain", fp)
     llava_dir = stage / "llava"
     if _done(stage):
         return llava_dir
+    tower = None if vision is None else run_vision_pretrain(profile, out, seed, resume=resume, progress=progress)
     _fresh(stage, resume)
     torch.manual_seed(seed)
     tokenizer = synref_tokenizer()
-    spec = profile.stage("mllm_pretrain")
     module = MllmPretrainer(config, tokenizer, spec.probe_weight, spec.probe_positions, spec.probe_giou)
     if spec.init == "shipped":  # continue the shipped foundation's LLaVA (the probe starts fresh)
         load_shipped_llava(module, config)
+    if tower is not None:
+        from safetensors.torch import load_file
+
+        module.llava.model.vision_tower.load_state_dict(load_file(str(tower)), strict=True)
+    if spec.freeze_vision:
+        module.llava.model.vision_tower.requires_grad_(False)
     prep = image_prep_for(config)
     data = ConcatDataset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep)])
     cfg = loop_config(profile, "mllm_pretrain", seed, len(data))
@@ -501,8 +560,16 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
                         eval_every=profile.diag_every)
     module.llava.save_pretrained(str(llava_dir))
     tokenizer.save_pretrained(str(llava_dir))
-    _mark_done(stage, result, output=str(llava_dir))
+    extra_done = {} if tower is None else {"vision_pretrain": _vision_summary(tower.parent)}
+    _mark_done(stage, result, output=str(llava_dir), **extra_done)
     return llava_dir
+
+
+def _vision_summary(stage: Path) -> dict[str, Any]:
+    """What stage 1a's DONE.json says (steps, wall time, losses, its held-out curve), for stage 1's record."""
+    done = _done(stage) or {}
+    keys = ("steps", "wall_s", "samples_per_s", "final_losses", "eval_history", "final_eval")
+    return {"stage_dir": stage.name, **{k: done.get(k) for k in keys}}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ NOBJ = int(os.environ.get("NOBJ", "4")); VSTEPS = int(os.environ.get("VSTEPS", "
 PW = float(os.environ.get("PW", "5")); PROBE_ALL = os.environ.get("PROBE_ALL", "0") == "1"  # as retrieval/retrieve.py
 FREEZE_V = os.environ.get("FREEZE_V", "0") == "1"  # keep the (dense-pretrained) vision tower frozen in the LLM phase
 prof = load_profile("foundation"); config = prof.model_config("glamm", 0)
+if os.environ.get("VIMG"):  # VIMG=256 VPATCH=32: the CLIP view at full resolution, the same 8 x 8 tokens
+    import dataclasses
+    config = config.replace(vision=dataclasses.replace(config.vision, image_size=int(os.environ["VIMG"]), patch_size=int(os.environ["VPATCH"])))
 torch.manual_seed(0); tok = S.synref_tokenizer(); m = S.MllmPretrainer(config, tok); prep = image_prep_for(config)
 G = config.vision.image_size // config.vision.patch_size  # 8
 
