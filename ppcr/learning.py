@@ -8,7 +8,8 @@ stage, `<run>/stages/seed<k>/<stage>-<hash>/` with `eval.csv` (step + one column
     learning_figure(curves, show_loss=True)        # one panel per stage kind: stage 0 SAM, stage 1 MLLM, RIS
     final_table(curves)                            # each stage's last held-out figures, a ppcr.report.Table
 
-Stage folders are named by `ppcr.training.stages._stage_dir`: `sam_pretrain` (stage 0), `mllm_pretrain` (stage 1),
+Stage folders are named by `ppcr.training.stages._stage_dir`: `sam_pretrain` (stage 0), `vision_pretrain` (stage 1a,
+the CLIP tower's dense pretraining, when the profile has it), `mllm_pretrain` (stage 1),
 `glamm_init` (stage 2, the GLaMM-style initialisation) and one folder per trained variant (stage 3). Runs that
 start from the shipped foundation have no stage 0-1 folders; their curves are then read from the shipped
 foundation's manifest (`ppcr/resources/foundation/manifest.json`) and labelled "shipped foundation". Stages
@@ -41,13 +42,16 @@ FOUNDATION_STAGES = ("sam_pretrain", "mllm_pretrain")
 # folders that evaluate without training: `foundation_eval` holds stages 0-1 (trained here or shipped) evaluated once
 # on this run's own val splits, DONE.json `final_eval` {"<suite>/<sam metric>": v, "mllm/<mllm metric>": v}
 EVALUATION_STAGES = ("foundation_eval",)
-STAGE_KINDS = ("sam", "mllm", "ris")
-KIND_TITLES = {"sam": "stage 0: SAM pretraining", "mllm": "stage 1: MLLM pretraining",
-               "ris": "stages 2-3: referring segmentation"}
+STAGE_KINDS = ("sam", "vision", "mllm", "ris")
+KIND_TITLES = {"sam": "stage 0: SAM pretraining", "vision": "stage 1a: CLIP tower, dense pretraining",
+               "mllm": "stage 1: MLLM pretraining", "ris": "stages 2-3: referring segmentation"}
 # the held-out metrics each kind of stage logs (all in percent), in display order, with their labels
 METRIC_LABELS = {
     "sam": {"miou_box": "mIoU, box prompt", "miou_point": "mIoU, point prompt",
             "miou_box_fill": "mIoU of filling the box (sanity)"},
+    "vision": {"color_acc": "patch colour acc.", "shape_acc": "patch shape acc.", "pattern_acc": "patch pattern acc.",
+               "size_acc": "patch size acc.", "background_acc": "background patches acc.",
+               "box_l1": "patch box L1 (fraction of the side)"},  # not a percentage: in the table, not plotted
     "mllm": {"describe_token_acc": "describe: answer-token acc.", "where_token_acc": "where: answer-token acc.",
              "where_box_iou": "where: box IoU", "where_box_acc50": "where: box acc@0.5",
              "probe_box_iou": "grounding probe: box IoU", "probe_box_acc50": "grounding probe: box acc@0.5"},
@@ -63,14 +67,17 @@ SHIPPED = "shipped foundation"
 
 
 def stage_kind(stage: str) -> str:
-    """"sam" (stage 0), "mllm" (stage 1) or "ris" (stage 2 `glamm_init` and every stage-3 variant)."""
-    return {"sam_pretrain": "sam", "mllm_pretrain": "mllm"}.get(stage, "ris")
+    """"sam" (stage 0), "vision" (stage 1a), "mllm" (stage 1) or "ris" (stage 2 `glamm_init`, every stage-3
+    variant)."""
+    return {"sam_pretrain": "sam", "vision_pretrain": "vision", "mllm_pretrain": "mllm"}.get(stage, "ris")
 
 
 def stage_label(stage: str) -> str:
     """A short human name of a stage folder's stage."""
     if stage == "sam_pretrain":
         return "stage 0 (SAM)"
+    if stage == "vision_pretrain":
+        return "stage 1a (CLIP tower)"
     if stage == "mllm_pretrain":
         return "stage 1 (MLLM)"
     if stage == "glamm_init":
@@ -298,6 +305,8 @@ def shipped_records(manifest: str | Path | None = None) -> tuple[list[Record], l
             records += history_records(name, None, 0, history, origin=SHIPPED)
         else:
             notes.append(f"{name}: the shipped foundation's manifest has no evaluation history")
+        vision = (stage.get("vision_pretrain") or {}).get("eval_history") or []  # stage 1a, recorded by stage 1
+        records += history_records("vision_pretrain", None, 0, vision, origin=SHIPPED)
     return records, notes
 
 
@@ -414,6 +423,8 @@ def _draw_held_out(ax: Axes, kind: str, records: list[Record], ris_metrics: Sequ
         colour_of = {s: colours[i % len(colours)] for i, s in enumerate(names)}
         style_of = {m: styles[i % len(styles)] for i, m in enumerate(ris_metrics)}
     else:
+        if kind == "vision":  # the accuracies; box_l1 (a fraction of the image side, not %) is in the final table
+            records = [r for r in records if r.metric != "box_l1"]
         names = _ordered_metrics(kind, {r.metric for r in records})
         colour_of = {m: colours[i % len(colours)] for i, m in enumerate(names)}
         style_of = {}

@@ -167,6 +167,28 @@ def test_shipped_foundation_curves_when_the_run_has_no_stage_0_1(tmp_path: Path,
     assert {r.origin for r in own.held_out()} == {learning.RUN}
 
 
+def test_stage_1a_curves_from_the_shipped_manifest_get_their_own_panel(tmp_path: Path) -> None:
+    """Stage 1a (the CLIP tower's dense pretraining) is recorded inside stage 1's manifest entry; its accuracies
+    get a panel between stage 0 and stage 1, its box L1 (not a percentage) only the final table."""
+    manifest = tmp_path / "manifest.json"
+    vision = [{"step": 10, "color_acc": 50.0, "shape_acc": 10.0, "box_l1": 0.2},
+              {"step": 20, "color_acc": 80.0, "shape_acc": 12.0, "box_l1": 0.1}]
+    manifest.write_text(json.dumps({"stages": {"sam_pretrain": {"eval_history": SAM_EVAL},
+                                               "mllm_pretrain": {"eval_history": MLLM_EVAL,
+                                                                 "vision_pretrain": {"eval_history": vision}}}}))
+    ris_only = tmp_path / "ris_only"
+    make_stage(ris_only, 0, "glamm_init", "ccc", GLAMM_EVAL)
+    curves = learning.load_curves(ris_only, manifest=manifest)
+    assert curves.curve("vision_pretrain", "color_acc") == [(10, 50.0), (20, 80.0)]
+    fig = learning.learning_figure(curves)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[1].startswith("stage 1a") and titles[2].startswith("stage 1:")
+    labels = [line.get_label() for line in fig.axes[1].get_lines()]
+    assert labels == ["patch colour acc. (shipped foundation)", "patch shape acc. (shipped foundation)"]
+    row = next(r for r in learning.final_table(curves).rows if r["stage"] == "stage 1a (CLIP tower)")
+    assert row["box_l1"] == 0.1 and row["color_acc"] == 80.0
+
+
 def test_foundation_eval_folders_give_table_rows_not_curves(tmp_path: Path) -> None:
     run = tmp_path / "shipped_run"
     make_stage(run, 0, "glamm_init", "ccc", GLAMM_EVAL)
