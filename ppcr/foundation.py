@@ -198,8 +198,9 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "copy_wall_s": round(time.perf_counter() - t0, 1), "files": files,
     }
     if previous is not None:
-        manifest["continued_from"] = {k: previous.get(k) for k in ("command", "git_commit", "profile", "files",
-                                                                    "wall_s", "continued_from")}
+        manifest["continued_from"] = {k: previous.get(k) for k in ("command", "git_commit", "profile",
+                                                                    "profile_config", "files", "wall_s",
+                                                                    "stages", "continued_from")}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

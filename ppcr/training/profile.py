@@ -17,7 +17,8 @@ import yaml
 
 from ppcr.model.config import VARIANTS, PPCRConfig, preset_config
 
-PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation", "foundation_continue", "foundation_dense")
+PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation", "foundation_continue", "foundation_continue2",
+                 "foundation_dense")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class StageSpec:
     init: str = "scratch"
     # stage 1: keep the CLIP tower frozen (as LLaVA's own stage 1 does), e.g. after the `vision_pretrain` stage
     freeze_vision: bool = False
+    # stage 1: add "where"/"describe" questions about every object whose colour and shape are unique on its image
+    # ("the <colour> <shape>", `ObjectGroundingQuestions`) to the referring expressions
+    object_grounding: bool = False
 
     def total_steps(self, n_samples: int) -> int:
         if self.epochs > 0:
@@ -103,16 +107,21 @@ class Profile:
         return d
 
     def fingerprint(self, *parts: Any) -> str:
-        """A short hash of (parts of) the profile: stage outputs are cached under it."""
-        blob = json.dumps([p if not hasattr(p, "__dataclass_fields__") else _asdict(p) for p in parts],
-                          sort_keys=True, default=str)
+        """A short hash of (parts of) the profile: stage outputs are cached under it. A `StageSpec` counts only
+        its fields that differ from their defaults, so a new recipe option leaves the caches of stages that do not
+        use it valid."""
+        blob = json.dumps([_fingerprint_part(p) for p in parts], sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def _asdict(obj: Any) -> Any:
+def _fingerprint_part(part: Any) -> Any:
     import dataclasses
 
-    return dataclasses.asdict(obj)
+    if isinstance(part, StageSpec):
+        default = StageSpec()
+        return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)
+                if getattr(part, f.name) != getattr(default, f.name)}
+    return dataclasses.asdict(part) if dataclasses.is_dataclass(part) else part
 
 
 def _parse(raw: dict[str, Any], source: str) -> Profile:

@@ -28,7 +28,7 @@ from torchvision.ops import generalized_box_iou_loss
 from torch.utils.data import ConcatDataset, Dataset
 
 from ppcr.data.dataset import ImageObjectsDataset, ReferSegDataset, collate_refer
-from ppcr.data.refer import Refer
+from ppcr.data.refer import Refer, load_image
 from ppcr.data.transforms import ImagePrep
 from ppcr.losses import mask_bce, mask_dice
 from ppcr.model import prompts
@@ -97,8 +97,12 @@ def train_dataset(profile: Profile, root: Path, prep: ImagePrep) -> Dataset:
     return ConcatDataset(split_datasets(profile, root, prep))
 
 
+STAGE1_KEYS = ("clip_pixel_values", "expression", "attributes", "box", "original_size")  # what stage 1 reads
+
+
 class WithTargetAttributes(Dataset):
-    """Adds the target's SynRef attributes (shape, colour, size, pattern) to each item, for stage 1's captions."""
+    """Stage 1's view of a referring dataset: the keys of `STAGE1_KEYS`, with the target's SynRef attributes
+    (shape, colour, size, pattern) for the "describe" answers."""
 
     def __init__(self, base: ReferSegDataset):
         self.base = base
@@ -110,7 +114,39 @@ class WithTargetAttributes(Dataset):
         item = self.base[index]
         ann = self.base.refer.ann(item["meta"]["ann_id"])
         item["attributes"] = ann.get("synref", {})
-        return item
+        return {k: item[k] for k in STAGE1_KEYS}
+
+
+class ObjectGroundingQuestions(Dataset):
+    """Object-level grounding data for stage 1 (GLaMM's GranD pretraining in miniature): every annotated object of
+    every image of a split whose colour and shape together are unique on its image, named "the <colour> <shape>".
+
+    Referring expressions name one object per image; these name all of them, in the simplest form, so the LLM sees
+    about as many grounding questions again, and easy ones first among them. Items have `STAGE1_KEYS`."""
+
+    def __init__(self, refer: Refer, split: str, prep: ImagePrep):
+        self.refer = refer
+        self.prep = prep
+        self.items: list[tuple[int, int]] = []  # (image id, annotation id)
+        for image_id in dict.fromkeys(int(refer.ref(r)["image_id"]) for r in refer.ref_ids(split)):
+            anns = [refer.ann(a) for a in refer.image_ann_ids(image_id)]
+            if not all(a.get("synref") for a in anns):
+                raise ValueError(f"image {image_id} has annotations without SynRef attributes: object grounding "
+                                 "questions need SynRef data")
+            names = [(a["synref"]["color"], a["synref"]["shape"]) for a in anns]
+            self.items += [(image_id, a["id"]) for a, n in zip(anns, names) if names.count(n) == 1]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id, ann_id = self.items[index]
+        ann = self.refer.ann(ann_id)
+        image = load_image(self.refer.image_path(image_id))
+        attrs = ann["synref"]
+        return {"clip_pixel_values": self.prep.clip(image), "expression": f"the {attrs['color']} {attrs['shape']}",
+                "attributes": attrs, "box": torch.from_numpy(self.refer.box_xyxy(ann)),
+                "original_size": (int(image.shape[0]), int(image.shape[1]))}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -548,7 +584,10 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     if spec.freeze_vision:
         module.llava.model.vision_tower.requires_grad_(False)
     prep = image_prep_for(config)
-    data = ConcatDataset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep)])
+    parts: list[Dataset] = [WithTargetAttributes(d) for d in split_datasets(profile, root, prep)]
+    if spec.object_grounding:
+        parts += [ObjectGroundingQuestions(Refer(root, d.name, d.split_by), "train", prep) for d in profile.datasets]
+    data = ConcatDataset(parts)
     cfg = loop_config(profile, "mllm_pretrain", seed, len(data))
     val = None
     if profile.diag_expressions:

@@ -81,6 +81,9 @@ def evaluate():
             ious += torch.diag(box_iou(S._ordered(m.probe_boxes(h, t)), S.normalised_boxes(b, [True] * 32))).tolist()
     m.train(); return round(100 * float(np.mean(ious)), 2), round(100 * float(np.mean(np.array(ious) >= 0.5)), 2)
 
+if os.environ.get("TOWER"):  # TOWER=<stage 1a's vision_tower.safetensors>: the pipeline's dense-pretrained tower
+    from safetensors.torch import load_file
+    m.llava.model.vision_tower.load_state_dict(load_file(os.environ["TOWER"]), strict=True)
 if FREEZE_V:
     m.llava.model.vision_tower.requires_grad_(False)
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.95))

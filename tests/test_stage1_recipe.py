@@ -136,3 +136,37 @@ def test_vision_pretrain_is_refused_on_top_of_a_continued_llava(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="vision_pretrain"):
         run_mllm_pretrain(load_profile(str(path)), tmp_path / "run", 0, progress=False)
+
+
+def test_object_grounding_questions_name_every_object_unique_by_colour_and_shape(tmp_path):
+    """Every item names one object as "the <colour> <shape>", a combination no other object of its image has, with
+    that object's box; each image contributes all such objects; items mix with the referring items in a batch."""
+    from ppcr.data.dataset import ReferSegDataset, collate_refer
+    from ppcr.data.refer import Refer
+    from ppcr.data.synref import generate_suite
+    from ppcr.model.modeling_ppcr import image_prep_for
+    from ppcr.training.stages import STAGE1_KEYS, ObjectGroundingQuestions, WithTargetAttributes
+
+    generate_suite("synref", tmp_path, n_refs=30, seed=5, image_size=64, progress=False)
+    refer = Refer(tmp_path, "synref", "unc")
+    prep = image_prep_for(preset_config("tiny"))
+    data = ObjectGroundingQuestions(refer, "train", prep)
+    images = {int(refer.ref(r)["image_id"]) for r in refer.ref_ids("train")}
+    expected = 0
+    for image_id in images:
+        names = [(refer.ann(a)["synref"]["color"], refer.ann(a)["synref"]["shape"])
+                 for a in refer.image_ann_ids(image_id)]
+        expected += sum(names.count(n) == 1 for n in names)
+    assert len(data) == expected > len(images)
+    for index in range(len(data)):
+        item = data[index]
+        image_id, ann_id = data.items[index]
+        ann = refer.ann(ann_id)
+        assert set(item) == set(STAGE1_KEYS)
+        assert item["expression"] == f"the {ann['synref']['color']} {ann['synref']['shape']}"
+        others = [refer.ann(a)["synref"] for a in refer.image_ann_ids(image_id) if a != ann_id]
+        assert all((o["color"], o["shape"]) != (ann["synref"]["color"], ann["synref"]["shape"]) for o in others)
+        np.testing.assert_allclose(item["box"].numpy(), refer.box_xyxy(ann))
+    refs = WithTargetAttributes(ReferSegDataset(refer, "train", prep))
+    batch = collate_refer([refs[0], data[0]])
+    assert batch["clip_pixel_values"].shape[0] == 2 and batch["expression"][1].startswith("the ")
