@@ -170,3 +170,27 @@ def test_object_grounding_questions_name_every_object_unique_by_colour_and_shape
     refs = WithTargetAttributes(ReferSegDataset(refer, "train", prep))
     batch = collate_refer([refs[0], data[0]])
     assert batch["clip_pixel_values"].shape[0] == 2 and batch["expression"][1].startswith("the ")
+
+
+def test_stage_fingerprints_count_only_options_that_differ_from_their_defaults():
+    """A new StageSpec option (at its default) leaves every cached stage's fingerprint as it was; setting it
+    changes it."""
+    import dataclasses
+
+    from ppcr.training.profile import StageSpec, load_profile
+
+    profile = load_profile("smoke")
+    spec = profile.stage("mllm_pretrain")
+    explicit = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+                if getattr(spec, f.name) != getattr(StageSpec(), f.name)}
+    assert profile.fingerprint("x", spec) == profile.fingerprint("x", StageSpec(**explicit))
+    assert profile.fingerprint("x", spec) != profile.fingerprint("x", dataclasses.replace(spec, freeze_vision=True))
+
+
+def test_regenerate_hint_lists_every_segment_oldest_first():
+    from ppcr.foundation import REGENERATE, regenerate_hint
+
+    third = {"command": "c3", "continued_from": {"command": "c2", "continued_from": {"command": "c1"}}}
+    assert regenerate_hint(third) == "c1 && c2 && c3"
+    assert regenerate_hint(None) == REGENERATE
+    assert regenerate_hint({"continued_from": {"command": "c1"}}) == f"c1 && {REGENERATE}"
