@@ -562,7 +562,9 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     if vision is not None and spec.init == "shipped":
         raise ValueError(f"profile {profile.name}: mllm_pretrain continues the shipped LLaVA (init: shipped), so it "
                          "cannot also start from a new vision_pretrain tower")
-    extra = [] if vision is None else ["vision_pretrain", vision]
+    from ppcr.training.vision_pretrain import VISION_PRETRAIN_VERSION
+
+    extra = [] if vision is None else ["vision_pretrain", VISION_PRETRAIN_VERSION, vision]
     fp = profile.fingerprint("mllm_pretrain", MLLM_PRETRAIN_VERSION, asdict(config.vision), asdict(config.text), config.system_prompt,
                              spec, profile.datasets, profile.data_seed, profile.image_size,
                              data_version(profile), seed, _shipped_stamp(profile, "mllm_pretrain"), *extra)
