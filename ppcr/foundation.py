@@ -166,8 +166,9 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
             continue
         done = json.loads((produced.parent / "DONE.json").read_text())
         stages[name] = {k: done.get(k) for k in ("steps", "resumed_from", "wall_s", "samples_per_s", "final_losses",
-                                                 "final_eval", "eval_history", "vision_pretrain")
-                          if k != "vision_pretrain" or done.get(k)}
+                                                 "final_eval", "eval_history")}
+        if done.get("vision_pretrain"):  # stage 1a, which stage 1 ran first and recorded
+            stages[name]["vision_pretrain"] = done["vision_pretrain"]
         stages[name]["loop_config"] = json.loads((produced.parent / "loop_config.json").read_text())
         if name in continued:
             weights = "sam.safetensors" if name == "sam_pretrain" else "llava/model.safetensors"

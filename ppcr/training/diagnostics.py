@@ -34,9 +34,9 @@ def val_subset(datasets: Sequence[ReferSegDataset], per_dataset: int) -> Dataset
     return ConcatDataset(parts)
 
 
-def batches(data: Dataset, batch_size: int):
+def batches(data: Dataset, batch_size: int, collate=collate_refer):
     for start in range(0, len(data), batch_size):
-        yield collate_refer([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        yield collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
 
 
 def box_fill_mask(box_xyxy: Sequence[float], size: tuple[int, int]) -> np.ndarray:

@@ -44,6 +44,8 @@ from ppcr.metrics import box_iou
 from ppcr.training.diagnostics import batches, ris_val_metrics, sam_prompt_metrics, val_subset
 from ppcr.training.loop import LoopConfig, TrainResult, train_loop
 from ppcr.training.profile import Profile, StageSpec
+from ppcr.training.vision_pretrain import (VISION_PRETRAIN_VERSION, DenseVisionPretrainer, build_vision_tower,
+                                           collate_patch_targets, patch_targets_data)
 
 SAM_PRETRAIN_VERSION = 3  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
 MLLM_PRETRAIN_VERSION = 2  # the same for stage 1
@@ -313,12 +315,16 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
     result = train_loop(module, lambda m, b, r: m(b, r), data, collate_objects, cfg, stage, resume=resume,
                         desc=f"stage 0 SAM pretraining (seed {seed})", progress=progress, evaluate=evaluate,
                         eval_every=profile.diag_every)
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in module.segmenter.sam.state_dict().items()}
-    save_file(state, str(weights))
+    _save_safetensors(module.segmenter.sam, weights)
     _mark_done(stage, result, output=str(weights))
     return weights
+
+
+def _save_safetensors(module: nn.Module, path: Path) -> None:
+    """A module's whole state dict (CPU, contiguous) as one safetensors file: no pickle to load it back."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -514,9 +520,6 @@ def _vision_stage(profile: Profile) -> StageSpec | None:
 
 def run_vision_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
     """Stage 1a (`ppcr.training.vision_pretrain`): returns the dense-pretrained CLIP tower's safetensors file."""
-    from ppcr.training.vision_pretrain import (VISION_PRETRAIN_VERSION, DenseVisionPretrainer, build_vision_tower,
-                                               collate_patch_targets, patch_targets_data)
-
     config = profile.model_config("glamm", seed)
     if profile.data_kind != "synref":
         raise ValueError(f"profile {profile.name}: vision_pretrain needs SynRef's per-object attributes "
@@ -543,9 +546,7 @@ def run_vision_pretrain(profile: Profile, out: Path, seed: int, resume: bool = F
     result = train_loop(module, lambda m, b, r: m(b, r), data, collate_patch_targets, cfg, stage, resume=resume,
                         desc=f"stage 1a dense vision pretraining (seed {seed})", progress=progress,
                         evaluate=evaluate, eval_every=profile.diag_every)
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.vision_tower.state_dict().items()}, str(weights))
+    _save_safetensors(module.vision_tower, weights)
     _mark_done(stage, result, output=str(weights))
     return weights
 
@@ -562,8 +563,6 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     if vision is not None and spec.init == "shipped":
         raise ValueError(f"profile {profile.name}: mllm_pretrain continues the shipped LLaVA (init: shipped), so it "
                          "cannot also start from a new vision_pretrain tower")
-    from ppcr.training.vision_pretrain import VISION_PRETRAIN_VERSION
-
     extra = [] if vision is None else ["vision_pretrain", VISION_PRETRAIN_VERSION, vision]
     fp = profile.fingerprint("mllm_pretrain", MLLM_PRETRAIN_VERSION, asdict(config.vision), asdict(config.text), config.system_prompt,
                              spec, profile.datasets, profile.data_seed, profile.image_size,

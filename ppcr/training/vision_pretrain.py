@@ -28,6 +28,7 @@ from ppcr.data.synref_language import COLORS, PATTERNS, SHAPES, SIZES
 from ppcr.data.transforms import ImagePrep
 from ppcr.model.config import PPCRConfig
 from ppcr.model.mllm import build_llava
+from ppcr.training.diagnostics import batches
 
 VISION_PRETRAIN_VERSION = 1  # bump when the objective changes, so cached towers are not reused
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"color": COLORS, "shape": SHAPES, "pattern": PATTERNS, "size": SIZES}
@@ -64,10 +65,10 @@ def patch_targets(masks: list[np.ndarray], attributes: list[dict[str, Any]], gri
         ys, xs = np.nonzero(square)
         if not len(xs):
             continue
-        # share of each patch the object covers (area-weighted: exact when grid divides the side)
+        # share of each patch the object covers: pixel sums over the grid's cells / the cells' areas
         edges = np.linspace(0, side, grid + 1).round().astype(int)
-        frac = np.array([[square[edges[i]:edges[i + 1], edges[j]:edges[j + 1]].mean() for j in range(grid)]
-                         for i in range(grid)], dtype=np.float32).reshape(n)
+        sums = np.add.reduceat(np.add.reduceat(square, edges[:-1], axis=0), edges[:-1], axis=1)  # (grid, grid)
+        frac = (sums / np.outer(np.diff(edges), np.diff(edges))).reshape(n).astype(np.float32)
         better = (frac >= MIN_COVER) & (frac > cover)
         for key, values in ATTRIBUTE_VALUES.items():
             labels[key][better] = values.index(attrs[key]) + 1
@@ -158,8 +159,7 @@ class DenseVisionPretrainer(nn.Module):
         n_fg = n_bg = bg_hits = 0
         l1 = 0.0
         device = self.box_head.weight.device
-        for start in range(0, len(data), batch_size):
-            batch = collate_patch_targets([data[i] for i in range(start, min(len(data), start + batch_size))])
+        for batch in batches(data, batch_size, collate_patch_targets):
             out = self.patch_outputs(batch["clip_pixel_values"].to(device))
             fg = batch["color"].to(device) > 0
             for k in ATTRIBUTE_VALUES:
