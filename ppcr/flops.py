@@ -185,7 +185,8 @@ def encoded_passes(cfg: PPCRConfig, tokenizer, expressions: Sequence[str]):
 
     def encode(templates: tuple[str, ...], index: int, answer: str, query: str):
         template = prompts.pick_template(templates, None, index)
-        ctx, ans = zip(*[prompts.conversation(prompts.fill(template, e), answer, cfg.system_prompt)
+        ctx, ans = zip(*[prompts.conversation(prompts.fill(template, e), answer, cfg.system_prompt,
+                                                              cfg.image_after_prompt)
                          for e in expressions])
         return encode_pass(tokenizer, ctx, ans, query, cfg.vision.num_image_tokens)
 
@@ -213,7 +214,9 @@ def pass_prefix_lengths(cfg: PPCRConfig, tokenizer, expressions: Sequence[str]) 
 
     first, second = encoded_passes(cfg, tokenizer, expressions)
     soft = tokenizer.convert_tokens_to_ids(prompts.PSEG_TOKEN) if cfg.spec.spatial_source != "re" else None
-    return shared_prefix_length(first), 0 if second is None else shared_prefix_length(second, soft)
+    image = tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
+    return (shared_prefix_length(first, None, image),
+            0 if second is None else shared_prefix_length(second, soft, image))
 
 
 def llama_cached_pass_flops(t: TextConfig, prefix: int, seq_len: int, lora_r: int,

@@ -70,13 +70,16 @@ def config_signature(config: PPCRConfig) -> dict[str, Any]:
     from ppcr.training.stages import synref_tokenizer
 
     vocab = sorted(synref_tokenizer().get_vocab().items())
-    return {
+    signature = {
         "preset": config.preset, "sam": asdict(config.sam), "vision": asdict(config.vision),
         "text": {k: v for k, v in asdict(config.text).items() if k != "vocab_size"},
         "system_prompt": config.system_prompt, "vision_feature_layer": config.vision_feature_layer,
         "projector_hidden_act": config.projector_hidden_act,
         "vocabulary_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
     }
+    if config.image_after_prompt:  # the LLM learned its prompts in this order (absent: LLaVA's, image first)
+        signature["image_after_prompt"] = True
+    return signature
 
 
 def _normalise(value: Any) -> Any:
@@ -91,8 +94,15 @@ def load_manifest(directory: Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def verify_foundation(config: PPCRConfig, directory: Path | None = None) -> dict[str, Any]:
-    """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest."""
+SAM_SIGNATURE_KEYS = ("preset", "sam")  # what stage 0's weights depend on; stage 1's: the rest of the signature
+
+
+def verify_foundation(config: PPCRConfig, directory: Path | None = None,
+                      stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest.
+
+    stages: the stages whose weights will be used; ("sam_pretrain",) checks only the SAM part of the config (a new
+    stage 1 may change the LLaVA's settings while it keeps the shipped SAM)."""
     directory = directory or foundation_dir()
     manifest = load_manifest(directory)
     hint = regenerate_hint(manifest)
@@ -104,6 +114,8 @@ def verify_foundation(config: PPCRConfig, directory: Path | None = None) -> dict
             raise FoundationMismatch(f"shipped foundation file {path} does not match its sha256 in the manifest; "
                                      f"regenerate with: {hint}")
     want, have = _normalise(manifest["config_signature"]), _normalise(config_signature(config))
+    if "mllm_pretrain" not in stages:
+        want, have = ({k: d.get(k) for k in SAM_SIGNATURE_KEYS} for d in (want, have))
     if want != have:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         raise FoundationMismatch(
@@ -139,7 +151,8 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     # a stage with `init: shipped` and no steps keeps the shipped file as it is
     kept = [n for n in STAGES if profile.stage(n).init == "shipped" and profile.stage(n).total_steps(1) == 0]
     continued = [n for n in STAGES if profile.stage(n).init == "shipped" and n not in kept]
-    previous = verify_foundation(config) if kept or continued else None  # what those stages start from
+    # what those stages start from
+    previous = verify_foundation(config, stages=tuple(kept + continued)) if kept or continued else None
     t0 = time.perf_counter()
     prepare_data(profile, out, progress)
     if "sam_pretrain" in kept:

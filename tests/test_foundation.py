@@ -67,6 +67,12 @@ def test_mismatches_are_refused_with_the_regenerate_command(tmp_path):
     with pytest.raises(FoundationMismatch, match="sam") as err:
         verify_foundation(deeper, dest)
     assert REGENERATE in str(err.value)
+    with pytest.raises(FoundationMismatch, match="sam"):  # SAM's own part is checked when only SAM is reused
+        verify_foundation(deeper, dest, stages=("sam_pretrain",))
+    reordered = small.replace(image_after_prompt=True)  # a stage-1 setting: the LLaVA no longer matches, SAM does
+    with pytest.raises(FoundationMismatch, match="image_after_prompt"):
+        verify_foundation(reordered, dest)
+    verify_foundation(reordered, dest, stages=("sam_pretrain",))
 
     (dest / "sam.safetensors").write_bytes(b"changed")
     with pytest.raises(FoundationMismatch, match="sha256") as err:

@@ -156,6 +156,8 @@ class PPCRConfig:
     vision_feature_layer: int = -2  # LLaVA-1.5 uses the penultimate CLIP layer
     projector_hidden_act: str = "gelu"
     system_prompt: str = LLAVA_SYSTEM_PROMPT
+    # the image tokens after the question instead of before it (LLaVA-1.5's order); see prompts.conversation
+    image_after_prompt: bool = False
     dtype: str = "bfloat16"  # of the MLLM; SAM's decoder and the PPCR heads run in float32
     gradient_checkpointing: bool = True
     attn_implementation: str = "sdpa"

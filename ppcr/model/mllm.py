@@ -134,14 +134,16 @@ def answer_cross_entropy(llava: LlavaForConditionalGeneration, hidden: torch.Ten
     return F.cross_entropy(logits.float(), targets[answer])
 
 
-def shared_prefix_length(encoded: EncodedPass, soft_token_id: int | None = None) -> int:
+def shared_prefix_length(encoded: EncodedPass, soft_token_id: int | None = None,
+                         image_token_id: int | None = None) -> int:
     """How many leading positions every row of a pass shares and can take from one image's cached prefix.
 
     The prefix is the longest run of token ids equal in all rows (BOS, system prompt, `USER:`, the image slots and
     the template's words before the expression), stopped before the `[P_SEG]` soft token (its embedding differs
     per row although its id does not) and before the earliest query position (whose hidden state is read).
     Rows on different images share the ids of the image slots, not their content: the prefix is computed once per
-    *image*, so the cache stays exact.
+    *image*, so the cache stays exact. A prefix that ends before the last image slot (the question before the
+    image, `image_after_prompt`, with different expressions) gives 0: the suffix would need the image features.
     """
     ids = encoded.input_ids  # (B, L)
     differ = (ids != ids[:1]).any(dim=0).nonzero()
@@ -151,6 +153,10 @@ def shared_prefix_length(encoded: EncodedPass, soft_token_id: int | None = None)
         slots = (ids == soft_token_id).nonzero()
         if len(slots):
             length = min(length, int(slots[:, 1].min()))
+    if image_token_id is not None:
+        image_slots = (ids[0] == image_token_id).nonzero()
+        if len(image_slots) and length <= int(image_slots.max()):
+            return 0
     return length
 
 
@@ -243,7 +249,8 @@ class MultimodalLLM(nn.Module):
         self.use_branch(branch)
         shared = len(torch.unique(image_index)) < len(image_index)  # some image has several rows to share with
         if self.prefix_cache and shared and not compute_ce and not torch.is_grad_enabled():
-            prefix = shared_prefix_length(encoded, self.pseg_token_id if soft_tokens is not None else None)
+            prefix = shared_prefix_length(encoded, self.pseg_token_id if soft_tokens is not None else None,
+                                          self.image_token_id)
             if prefix > 0:
                 return self._run_cached(encoded, image_features, image_index, soft_tokens, prefix), None
         embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index],

@@ -157,7 +157,7 @@ class PPCRModel(nn.Module):
         ctx, ans = zip(*[
             prompts.conversation(
                 prompts.fill(prompts.pick_template(prompts.SEMANTIC_TEMPLATES, rng, cfg.eval_semantic_template), e),
-                prompts.SEMANTIC_ANSWER, cfg.system_prompt)
+                prompts.SEMANTIC_ANSWER, cfg.system_prompt, cfg.image_after_prompt)
             for e in expressions
         ])
         enc = encode_pass(self.tokenizer, ctx, ans, prompts.SEG_TOKEN, image_features.shape[1]).to(self.device)
@@ -174,7 +174,7 @@ class PPCRModel(nn.Module):
         ctx, ans = zip(*[
             prompts.conversation(
                 prompts.fill(prompts.pick_template(templates, rng, cfg.eval_spatial_template), e),
-                prompts.SPATIAL_ANSWER, cfg.system_prompt)
+                prompts.SPATIAL_ANSWER, cfg.system_prompt, cfg.image_after_prompt)
             for e in expressions
         ])
         enc = encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)

@@ -79,8 +79,11 @@ def pick_template(templates: tuple[str, ...], rng: random.Random | None, eval_in
     return templates[rng.randrange(len(templates))]
 
 
-def conversation(prompt: str, answer: str, system_prompt: str) -> tuple[str, str]:
-    """LLaVA-1.5 (vicuna_v1) turn: returns (context, answer) so the answer's tokens can be labelled."""
+def conversation(prompt: str, answer: str, system_prompt: str, image_after_prompt: bool = False) -> tuple[str, str]:
+    """LLaVA-1.5 (vicuna_v1) turn: returns (context, answer) so the answer's tokens can be labelled.
+
+    LLaVA-1.5 puts the image first (`USER: <image>\n{prompt}`). With `image_after_prompt` the question comes first
+    (`USER: {prompt}\n<image>`), so under the causal mask every image token can attend to the expression."""
     head = f"{system_prompt} " if system_prompt else ""
-    context = f"{head}USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
-    return context, f" {answer}"
+    user = f"{prompt}\n{IMAGE_TOKEN}" if image_after_prompt else f"{IMAGE_TOKEN}\n{prompt}"
+    return f"{head}USER: {user} ASSISTANT:", f" {answer}"

@@ -53,6 +53,8 @@ class StageSpec:
     # stage 1: add "where"/"describe" questions about every object whose colour and shape are unique on its image
     # ("the <colour> <shape>", `ObjectGroundingQuestions`) to the referring expressions
     object_grounding: bool = False
+    # stage 1: weight of the image-token grounding loss (MllmPretrainer; needs the model's image_after_prompt)
+    image_grounding: float = 0.0
 
     def total_steps(self, n_samples: int) -> int:
         if self.epochs > 0:

@@ -45,7 +45,7 @@ from ppcr.training.diagnostics import batches, ris_val_metrics, sam_prompt_metri
 from ppcr.training.loop import LoopConfig, TrainResult, train_loop
 from ppcr.training.profile import Profile, StageSpec
 from ppcr.training.vision_pretrain import (VISION_PRETRAIN_VERSION, DenseVisionPretrainer, build_vision_tower,
-                                           collate_patch_targets, patch_targets_data)
+                                           collate_patch_targets, patch_targets_data, target_patches)
 
 SAM_PRETRAIN_VERSION = 3  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
 MLLM_PRETRAIN_VERSION = 2  # the same for stage 1
@@ -104,10 +104,12 @@ STAGE1_KEYS = ("clip_pixel_values", "expression", "attributes", "box", "original
 
 class WithTargetAttributes(Dataset):
     """Stage 1's view of a referring dataset: the keys of `STAGE1_KEYS`, with the target's SynRef attributes
-    (shape, colour, size, pattern) for the "describe" answers."""
+    (shape, colour, size, pattern) for the "describe" answers. With `grid` (the CLIP patch grid's side) items also
+    carry "target_patches" ((grid*grid,) {0, 1}, `vision_pretrain.target_patches`) for the image-token grounding."""
 
-    def __init__(self, base: ReferSegDataset):
+    def __init__(self, base: ReferSegDataset, grid: int | None = None):
         self.base = base
+        self.grid = grid
 
     def __len__(self) -> int:
         return len(self.base)
@@ -116,7 +118,10 @@ class WithTargetAttributes(Dataset):
         item = self.base[index]
         ann = self.base.refer.ann(item["meta"]["ann_id"])
         item["attributes"] = ann.get("synref", {})
-        return {k: item[k] for k in STAGE1_KEYS}
+        out = {k: item[k] for k in STAGE1_KEYS}
+        if self.grid:
+            out["target_patches"] = target_patches(item["mask"].numpy(), self.grid)
+        return out
 
 
 class ObjectGroundingQuestions(Dataset):
@@ -124,11 +129,13 @@ class ObjectGroundingQuestions(Dataset):
     every image of a split whose colour and shape together are unique on its image, named "the <colour> <shape>".
 
     Referring expressions name one object per image; these name all of them, in the simplest form, so the LLM sees
-    about as many grounding questions again, and easy ones first among them. Items have `STAGE1_KEYS`."""
+    about as many grounding questions again, and easy ones first among them. Items have `STAGE1_KEYS` (and
+    "target_patches" with `grid`, as `WithTargetAttributes`)."""
 
-    def __init__(self, refer: Refer, split: str, prep: ImagePrep):
+    def __init__(self, refer: Refer, split: str, prep: ImagePrep, grid: int | None = None):
         self.refer = refer
         self.prep = prep
+        self.grid = grid
         self.items: list[tuple[int, int]] = []  # (image id, annotation id)
         for image_id in dict.fromkeys(int(refer.ref(r)["image_id"]) for r in refer.ref_ids(split)):
             anns = [refer.ann(a) for a in refer.image_ann_ids(image_id)]
@@ -146,9 +153,12 @@ class ObjectGroundingQuestions(Dataset):
         ann = self.refer.ann(ann_id)
         image = load_image(self.refer.image_path(image_id))
         attrs = ann["synref"]
-        return {"clip_pixel_values": self.prep.clip(image), "expression": f"the {attrs['color']} {attrs['shape']}",
-                "attributes": attrs, "box": torch.from_numpy(self.refer.box_xyxy(ann)),
-                "original_size": (int(image.shape[0]), int(image.shape[1]))}
+        out = {"clip_pixel_values": self.prep.clip(image), "expression": f"the {attrs['color']} {attrs['shape']}",
+               "attributes": attrs, "box": torch.from_numpy(self.refer.box_xyxy(ann)),
+               "original_size": (int(image.shape[0]), int(image.shape[1]))}
+        if self.grid:
+            out["target_patches"] = target_patches(self.refer.mask(ann), self.grid)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -361,13 +371,24 @@ class MllmPretrainer(nn.Module):
     gave a box IoU of 0 (every bin the most frequent one), while the dense regression gradient reaches the image
     tokens from the first steps. Only the LLaVA is kept; stage 3's F_Map starts fresh, as in the paper. The
     probe's box is the stage-1 analogue of P_seg_box -> F_Map: a hidden state at the answer's box position.
+
+    `image_grounding` > 0 adds a second dense signal (needs `config.image_after_prompt`, so the image tokens see
+    the question): a linear head on every image token's last hidden state, softmaxed over the image's tokens, must
+    put its mass on the patches the target covers (cross-entropy, that weight; items carry "target_patches").
+    Each image token then learns whether the expression names it, and the answer only has to read the marked
+    tokens; on oracle tokens this is what took 4-object scenes off the constant-box plateau (notes/learning.md).
     """
 
     def __init__(self, config: PPCRConfig, tokenizer, probe_weight: float = 1.0, probe_positions: str = "first",
-                 probe_giou: bool = True):
+                 probe_giou: bool = True, image_grounding: float = 0.0):
         super().__init__()
         if probe_positions not in ("first", "all"):
             raise ValueError(f"probe_positions must be 'first' or 'all', not {probe_positions!r}")
+        if image_grounding > 0 and not config.image_after_prompt:
+            raise ValueError("image_grounding needs image_after_prompt: with the image before the question, the "
+                             "image tokens cannot see the expression they are to match")
+        self.image_grounding = image_grounding
+        self.grounding_head = nn.Linear(config.text.hidden_size, 1) if image_grounding > 0 else None
         self.probe_positions = probe_positions
         self.probe_giou = probe_giou
         self.config = config
@@ -393,39 +414,78 @@ class MllmPretrainer(nn.Module):
         h = hidden[torch.arange(len(first), device=hidden.device), first]  # (B, d)
         return self.box_probe(h.float())
 
-    def answer_hidden(self, batch: dict[str, Any], tasks: list[str], rng: random.Random | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last-layer hidden states at the positions predicting each answer token: (B, A, d), targets (B, A)."""
+    def sequence_hidden(self, batch: dict[str, Any], tasks: list[str], rng: random.Random | None = None
+                        ) -> tuple[torch.Tensor, Any]:
+        """Last-layer hidden states of the whole conversation (B, L, d) and its `EncodedPass`."""
         device = self.llava.device
         feats = llava_image_features(self.llava, batch["clip_pixel_values"].to(device),
                                      self.config.vision_feature_layer)  # (B, N_img, d), with gradient
         turns = [pretrain_turn(e, a, torch.as_tensor(b), tuple(s), t, rng)
                  for e, a, b, s, t in zip(batch["expression"], batch["attributes"], batch["box"],
                                           batch["original_size"], tasks)]
-        ctx, ans = zip(*[prompts.conversation(q, a, self.config.system_prompt) for q, a in turns])
+        ctx, ans = zip(*[prompts.conversation(q, a, self.config.system_prompt, self.config.image_after_prompt)
+                         for q, a in turns])
         enc = encode_pass(self.tokenizer, ctx, ans, None, feats.shape[1]).to(device)
-        image_id = self.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
-        embeds = multimodal_embeddings(self.llava, enc.input_ids, feats, image_id)
+        embeds = multimodal_embeddings(self.llava, enc.input_ids, feats, self.image_token_id)
         hidden = self.llava.model.language_model(inputs_embeds=embeds,
                                                  attention_mask=enc.attention_mask).last_hidden_state
+        return hidden, enc
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
+
+    def image_token_logits(self, hidden: torch.Tensor, enc: Any) -> torch.Tensor:
+        """(B, N_img) grounding logits of the image tokens (row-major patches), from `sequence_hidden`'s output."""
+        slots = enc.input_ids == self.image_token_id  # (B, L), N_img per row
+        image_hidden = hidden[slots].reshape(hidden.shape[0], -1, hidden.shape[-1])  # (B, N_img, d)
+        return self.grounding_head(image_hidden.float()).squeeze(-1)
+
+    def image_grounding_loss(self, hidden: torch.Tensor, enc: Any, batch: dict[str, Any]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the image-token softmax against the target's patches (their mass shared equally), and
+        the share of rows whose top token lies on the target."""
+        logp = torch.log_softmax(self.image_token_logits(hidden, enc), dim=-1)  # (B, N_img)
+        tp = torch.stack([torch.as_tensor(t) for t in batch["target_patches"]]).to(logp.device)  # (B, N_img)
+        loss = -((logp * tp).sum(-1) / tp.sum(-1).clamp(min=1)).mean()
+        hit = (tp.gather(1, logp.argmax(-1, keepdim=True)) > 0).float().mean()
+        return loss, hit
+
+    def answer_hidden(self, batch: dict[str, Any], tasks: list[str], rng: random.Random | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer hidden states at the positions predicting each answer token: (B, A, d), targets (B, A)."""
+        return self.answer_positions(*self.sequence_hidden(batch, tasks, rng))
+
+    @staticmethod
+    def answer_positions(hidden: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, d) hidden states -> those predicting each answer token (B, A, d) and the targets (B, A)."""
+        device = hidden.device
         targets = enc.labels[:, 1:]  # (B, L-1): position t predicts token t+1
         answer = targets != -100
         width = int(answer.sum(1).max())
         start = answer.float().argmax(1)  # first answer position of each row
         cols = (start[:, None] + torch.arange(width, device=device)[None]).clamp(max=targets.shape[1] - 1)
-        rows = torch.arange(len(tasks), device=device)[:, None]
+        rows = torch.arange(hidden.shape[0], device=device)[:, None]
         tgt = torch.where(answer[rows, cols], targets[rows, cols], torch.full_like(cols, -100))
         return hidden[:, :-1][rows, cols], tgt  # (B, A, d), (B, A)
 
     def forward(self, batch: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
         tasks = [rng.choice(("describe", "where")) for _ in batch["expression"]]
-        hidden, targets = self.answer_hidden(batch, tasks, rng)
+        sequence, enc = self.sequence_hidden(batch, tasks, rng)
+        hidden, targets = self.answer_positions(sequence, enc)
         logits = self.llava.get_output_embeddings()(hidden)
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        grounding = {}
+        if self.grounding_head is not None:  # every row (describe and where) names its target in the question
+            loss, hit = self.image_grounding_loss(sequence, enc, batch)
+            grounding = {"grounding_ce": loss, "grounding_hit": hit.detach()}
+            ce_total = ce + self.image_grounding * loss
+        else:
+            ce_total = ce
         where = torch.tensor([t == "where" for t in tasks], device=hidden.device)
         if not bool(where.any()):
             zero = ce.new_zeros(())
-            return {"total": ce, "ce": ce, "probe_l1": zero, "probe_giou": zero}
+            return {"total": ce_total, "ce": ce, "probe_l1": zero, "probe_giou": zero, **grounding}
         pred = self.probe_boxes(hidden[where], targets[where])
         gt = normalised_boxes(batch, where.tolist()).to(pred.device)
         l1 = torch.nn.functional.l1_loss(pred, gt)
@@ -436,8 +496,8 @@ class MllmPretrainer(nn.Module):
             probe = every[valid].mean()
         else:
             probe = l1
-        total = ce + self.probe_weight * (probe + giou if self.probe_giou else probe)
-        return {"total": total, "ce": ce, "probe_l1": l1, "probe_giou": giou}
+        total = ce_total + self.probe_weight * (probe + giou if self.probe_giou else probe)
+        return {"total": total, "ce": ce, "probe_l1": l1, "probe_giou": giou, **grounding}
 
     @torch.no_grad()
     def val_metrics(self, data: Dataset, batch_size: int = 16) -> dict[str, float]:
@@ -446,9 +506,13 @@ class MllmPretrainer(nn.Module):
         correct = {"describe": [0, 0], "where": [0, 0]}
         box_ious: list[float] = []
         probe_ious: list[float] = []
+        hits: list[float] = []
         for batch in batches(data, batch_size):
             for task in ("describe", "where"):
-                hidden, targets = self.answer_hidden(batch, [task] * len(batch["expression"]))
+                sequence, enc = self.sequence_hidden(batch, [task] * len(batch["expression"]))
+                hidden, targets = self.answer_positions(sequence, enc)
+                if self.grounding_head is not None and task == "where":
+                    hits.append(float(self.image_grounding_loss(sequence, enc, batch)[1]) * len(targets))
                 logits = self.llava.get_output_embeddings()(hidden)
                 if task == "where":
                     probe = _ordered(self.probe_boxes(hidden, targets)).cpu()
@@ -471,7 +535,8 @@ class MllmPretrainer(nn.Module):
                 "where_box_iou": 100.0 * float(np.mean(box_ious)),
                 "where_box_acc50": 100.0 * float(np.mean(np.asarray(box_ious) >= 0.5)),
                 "probe_box_iou": 100.0 * float(np.mean(probe_ious)),
-                "probe_box_acc50": 100.0 * float(np.mean(np.asarray(probe_ious) >= 0.5))}
+                "probe_box_acc50": 100.0 * float(np.mean(np.asarray(probe_ious) >= 0.5)),
+                **({"grounding_hit": 100.0 * sum(hits) / len(probe_ious)} if hits else {})}
 
 
 def normalised_boxes(batch: dict[str, Any], rows: list[bool]) -> torch.Tensor:
@@ -564,6 +629,8 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
         raise ValueError(f"profile {profile.name}: mllm_pretrain continues the shipped LLaVA (init: shipped), so it "
                          "cannot also start from a new vision_pretrain tower")
     extra = [] if vision is None else ["vision_pretrain", VISION_PRETRAIN_VERSION, vision]
+    if config.image_after_prompt:  # (only when set: the caches of LLaVA-ordered stages stay valid)
+        extra += ["image_after_prompt"]
     fp = profile.fingerprint("mllm_pretrain", MLLM_PRETRAIN_VERSION, asdict(config.vision), asdict(config.text), config.system_prompt,
                              spec, profile.datasets, profile.data_seed, profile.image_size,
                              data_version(profile), seed, _shipped_stamp(profile, "mllm_pretrain"), *extra)
@@ -575,7 +642,8 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     _fresh(stage, resume)
     torch.manual_seed(seed)
     tokenizer = synref_tokenizer()
-    module = MllmPretrainer(config, tokenizer, spec.probe_weight, spec.probe_positions, spec.probe_giou)
+    module = MllmPretrainer(config, tokenizer, spec.probe_weight, spec.probe_positions, spec.probe_giou,
+                            spec.image_grounding)
     if spec.init == "shipped":  # continue the shipped foundation's LLaVA (the probe starts fresh)
         load_shipped_llava(module, config)
     if tower is not None:
@@ -585,14 +653,16 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     if spec.freeze_vision:
         module.llava.model.vision_tower.requires_grad_(False)
     prep = image_prep_for(config)
-    parts: list[Dataset] = [WithTargetAttributes(d) for d in split_datasets(profile, root, prep)]
+    grid = config.vision.image_size // config.vision.patch_size if spec.image_grounding > 0 else None
+    parts: list[Dataset] = [WithTargetAttributes(d, grid) for d in split_datasets(profile, root, prep)]
     if spec.object_grounding:
-        parts += [ObjectGroundingQuestions(Refer(root, d.name, d.split_by), "train", prep) for d in profile.datasets]
+        parts += [ObjectGroundingQuestions(Refer(root, d.name, d.split_by), "train", prep, grid)
+                  for d in profile.datasets]
     data = ConcatDataset(parts)
     cfg = loop_config(profile, "mllm_pretrain", seed, len(data))
     val = None
     if profile.diag_expressions:
-        val = val_subset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep, "val")],
+        val = val_subset([WithTargetAttributes(d, grid) for d in split_datasets(profile, root, prep, "val")],
                          profile.diag_expressions)
     evaluate = None if val is None else (lambda m: m.val_metrics(val, profile.eval_batch_size))
     result = train_loop(module, lambda m, b, r: m(b, r), data, collate_refer, cfg, stage, resume=resume,

@@ -46,6 +46,26 @@ def _square(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def patch_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
+    """(grid*grid,) float32: the share of each patch of CLIP's square view (row-major) that the (H, W) mask covers."""
+    square = _square(mask.astype(np.float32))
+    side = square.shape[0]
+    # pixel sums over the grid's cells / the cells' areas
+    edges = np.linspace(0, side, grid + 1).round().astype(int)
+    sums = np.add.reduceat(np.add.reduceat(square, edges[:-1], axis=0), edges[:-1], axis=1)  # (grid, grid)
+    return (sums / np.outer(np.diff(edges), np.diff(edges))).reshape(grid * grid).astype(np.float32)
+
+
+def target_patches(mask: np.ndarray, grid: int) -> torch.Tensor:
+    """(grid*grid,) float {0, 1}: the patches the object covers by at least MIN_COVER (its best-covered patch
+    when it covers none that much; all zeros for an empty mask). Stage 1's image-token grounding target."""
+    cover = patch_coverage(mask, grid)
+    out = (cover >= MIN_COVER).astype(np.float32)
+    if not out.any() and cover.max() > 0:
+        out[int(cover.argmax())] = 1.0
+    return torch.from_numpy(out)
+
+
 def patch_targets(masks: list[np.ndarray], attributes: list[dict[str, Any]], grid: int
                   ) -> dict[str, torch.Tensor]:
     """Per-patch labels of one image for a `grid` x `grid` patch layout.
@@ -65,10 +85,7 @@ def patch_targets(masks: list[np.ndarray], attributes: list[dict[str, Any]], gri
         ys, xs = np.nonzero(square)
         if not len(xs):
             continue
-        # share of each patch the object covers: pixel sums over the grid's cells / the cells' areas
-        edges = np.linspace(0, side, grid + 1).round().astype(int)
-        sums = np.add.reduceat(np.add.reduceat(square, edges[:-1], axis=0), edges[:-1], axis=1)  # (grid, grid)
-        frac = (sums / np.outer(np.diff(edges), np.diff(edges))).reshape(n).astype(np.float32)
+        frac = patch_coverage(mask, grid)
         better = (frac >= MIN_COVER) & (frac > cover)
         for key, values in ATTRIBUTE_VALUES.items():
             labels[key][better] = values.index(attrs[key]) + 1

@@ -1,0 +1,122 @@
+"""The question before the image (`PPCRConfig.image_after_prompt`) and stage 1's image-token grounding loss.
+
+With LLaVA's order (image first) the causal mask hides the expression from every image token; with the question
+first each image token can attend to it, which is what the grounding loss (`MllmPretrainer(image_grounding=...)`)
+trains: the image tokens' softmax must pick the target's patches.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ppcr.model import prompts
+from ppcr.model.config import tiny_config
+from ppcr.model.mllm import MultimodalLLM, shared_prefix_length
+from ppcr.model.modeling_ppcr import PPCRModel
+from ppcr.model.tokenizer import encode_pass
+from ppcr.training.stages import MllmPretrainer, synref_tokenizer
+from ppcr.training.vision_pretrain import MIN_COVER, patch_coverage, target_patches
+
+
+def test_conversation_order():
+    ctx, ans = prompts.conversation("Where is the red circle?", "Sure.", "")
+    assert ctx == f"USER: {prompts.IMAGE_TOKEN}\nWhere is the red circle? ASSISTANT:" and ans == " Sure."
+    ctx, _ = prompts.conversation("Where is the red circle?", "Sure.", "", image_after_prompt=True)
+    assert ctx == f"USER: Where is the red circle?\n{prompts.IMAGE_TOKEN} ASSISTANT:"
+
+
+def test_target_patches_cover_the_object_and_never_come_back_empty():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0:16, 16:32] = 1  # exactly patch (row 0, col 1) of a 4 x 4 grid
+    cover = patch_coverage(mask, 4)
+    assert cover[1] == pytest.approx(1.0) and cover.sum() == pytest.approx(1.0)
+    np.testing.assert_array_equal(target_patches(mask, 4).numpy(), (cover >= MIN_COVER).astype(np.float32))
+    speck = np.zeros((64, 64), np.uint8)
+    speck[40, 50] = 1  # far below MIN_COVER of any patch: its own patch is the target
+    t = target_patches(speck, 4)
+    assert t.sum() == 1 and t[2 * 4 + 3] == 1
+    assert target_patches(np.zeros((64, 64), np.uint8), 4).sum() == 0
+
+
+def _grounding_batch(expressions: list[str], seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n, cfg = len(expressions), tiny_config()
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    tp = torch.zeros(n, side * side)
+    tp[torch.arange(n), torch.arange(n) % (side * side)] = 1
+    return {"clip_pixel_values": torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g),
+            "expression": expressions, "attributes": [{"color": "red", "shape": "circle"}] * n,
+            "box": [torch.tensor([4.0, 4.0, 20.0, 20.0])] * n, "original_size": [(32, 32)] * n,
+            "target_patches": list(tp)}
+
+
+def test_image_tokens_see_the_expression_only_after_the_question():
+    """Changing the expression changes the image tokens' grounding logits with the question first, and cannot with
+    the image first (causal mask): the grounding loss needs `image_after_prompt`, and refuses to run without it."""
+    with pytest.raises(ValueError, match="image_after_prompt"):
+        MllmPretrainer(tiny_config(), synref_tokenizer(), image_grounding=1.0)
+    logits = {}
+    for after in (False, True):
+        torch.manual_seed(0)
+        module = MllmPretrainer(tiny_config(image_after_prompt=after), synref_tokenizer()).eval()
+        module.grounding_head = torch.nn.Linear(tiny_config().text.hidden_size, 1)  # read-out only, for the check
+        for expr in ("the red circle", "the blue square"):
+            batch = _grounding_batch([expr])
+            with torch.no_grad():
+                logits[after, expr] = module.image_token_logits(*module.sequence_hidden(batch, ["where"]))
+    torch.testing.assert_close(logits[False, "the red circle"], logits[False, "the blue square"])
+    assert (logits[True, "the red circle"] - logits[True, "the blue square"]).abs().max() > 1e-4
+
+
+def test_grounding_loss_trains_and_is_reported():
+    torch.manual_seed(0)
+    module = MllmPretrainer(tiny_config(image_after_prompt=True), synref_tokenizer(), probe_weight=5.0,
+                            probe_positions="all", probe_giou=False, image_grounding=1.0)
+    batch = _grounding_batch(["the red circle", "the blue square", "the green star", "the big one"])
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    first = None
+    for step in range(30):
+        losses = module(batch, random.Random(step))
+        assert {"grounding_ce", "grounding_hit"} <= set(losses)
+        first = float(losses["grounding_ce"].detach()) if first is None else first
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+    assert float(losses["grounding_ce"].detach()) < 0.5 * first  # a fixed batch is learnable through the image tokens
+    module.eval()
+    metrics = module.val_metrics([{k: v[i] for k, v in batch.items()}
+                                  for i in range(4)], batch_size=4)
+    assert 0.0 <= metrics["grounding_hit"] <= 100.0
+
+
+@pytest.fixture(scope="module")
+def model_after() -> PPCRModel:
+    torch.manual_seed(0)
+    words = ["red", "blue", "circle", "square", "the", "left", "big", "one"]
+    return PPCRModel.build(tiny_config(image_after_prompt=True), extra_words=words).eval()
+
+
+def test_prefix_cache_steps_aside_when_the_image_follows_the_expression(model_after, monkeypatch):
+    """The rows' shared prefix ends at the expression, before the image slots: nothing can be cached, and predict
+    runs the full sequences (the same outputs as with the cache off)."""
+    tok = model_after.tokenizer
+    ctx, ans = zip(*[prompts.conversation(prompts.fill(prompts.SEMANTIC_TEMPLATES[0], e), prompts.SEMANTIC_ANSWER,
+                                          "", image_after_prompt=True) for e in ("the red circle", "left blue square")])
+    enc = encode_pass(tok, ctx, ans, prompts.SEG_TOKEN, 4)
+    image_id = tok.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
+    assert shared_prefix_length(enc) > 0  # without the image id it would cut into the expression's prefix
+    assert shared_prefix_length(enc, None, image_id) == 0
+    monkeypatch.setattr(MultimodalLLM, "_run_cached", lambda *a: pytest.fail("cached a prefix without the image"))
+    image = np.random.RandomState(0).randint(0, 256, (40, 48, 3), dtype=np.uint8)
+    exprs = [["the red circle", "left blue square", "the big one"]]
+    model_after.prefix_cache = True
+    cached = model_after.predict([image], exprs, batch_size=8)
+    model_after.prefix_cache = False
+    full = model_after.predict([image], exprs, batch_size=8)
+    for a, b in zip(full, cached, strict=True):
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        np.testing.assert_allclose(a["box"], b["box"])
