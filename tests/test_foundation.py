@@ -69,7 +69,7 @@ def test_mismatches_are_refused_with_the_regenerate_command(tmp_path):
     assert REGENERATE in str(err.value)
     with pytest.raises(FoundationMismatch, match="sam"):  # SAM's own part is checked when only SAM is reused
         verify_foundation(deeper, dest, stages=("sam_pretrain",))
-    reordered = small.replace(image_after_prompt=True)  # a stage-1 setting: the LLaVA no longer matches, SAM does
+    reordered = small.replace(image_after_prompt=not small.image_after_prompt)  # a stage-1 setting: LLaVA mismatch
     with pytest.raises(FoundationMismatch, match="image_after_prompt"):
         verify_foundation(reordered, dest)
     verify_foundation(reordered, dest, stages=("sam_pretrain",))

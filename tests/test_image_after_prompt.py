@@ -120,3 +120,19 @@ def test_prefix_cache_steps_aside_when_the_image_follows_the_expression(model_af
     for a, b in zip(full, cached, strict=True):
         np.testing.assert_array_equal(a["mask"], b["mask"])
         np.testing.assert_allclose(a["box"], b["box"])
+
+
+@pytest.mark.parametrize("variant", ["ppcr", "spatial_re"])
+def test_ris_training_step_with_the_question_first(variant):
+    """Stages 2-3 run the same code with the image after the question: finite losses, gradients into both LoRA
+    branches."""
+    from test_model import WORDS, make_batch  # tests/ is on sys.path (pytest prepend import mode)
+
+    torch.manual_seed(0)
+    model = PPCRModel.build(tiny_config(variant=variant, image_after_prompt=True), extra_words=WORDS).train()
+    out = model(make_batch(model), rng=random.Random(0))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+    for branch in ("semantic", "spatial"):
+        assert any(g is not None and g.abs().sum() > 0 for n, g in lora.items() if f".{branch}." in n), branch

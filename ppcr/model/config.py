@@ -244,6 +244,9 @@ def small_config(**overrides: Any) -> PPCRConfig:
                         iou_head_hidden_dim=128),
         lora=LoraSettings(),
         system_prompt="",
+        # the question before the image: the from-scratch LLM grounds only when its image tokens can attend to the
+        # expression (notes/learning.md, "The question before the image"); the paper preset keeps LLaVA's order
+        image_after_prompt=True,
         dtype="float32",
         gradient_checkpointing=False,
         box_head_hidden=256,

@@ -6,7 +6,9 @@ on multi-object scenes (STEPS).
     FREEZE_V=1 BOXW=5 NOBJ=0 VSTEPS=900 PW=25 PROBE_ALL=1 OMP_NUM_THREADS=1 python ... dense.py freeze900 500
 
 NOBJ=0: 1-4 objects per scene; PW, PROBE_ALL: the probe's weight and positions (as retrieval/retrieve.py);
-FREEZE_V=1: the dense-pretrained tower stays frozen in the LLM phase.
+FREEZE_V=1: the dense-pretrained tower stays frozen in the LLM phase; TOWER=<vision_tower.safetensors>: start from
+stage 1a's tower; IMGPOS=after: the question before the image (image_after_prompt); AUX=w: the image-token grounding
+loss with weight w (MllmPretrainer's image_grounding).
 """
 import os, random, sys, time
 import numpy as np, torch
@@ -24,7 +26,11 @@ prof = load_profile("foundation"); config = prof.model_config("glamm", 0)
 if os.environ.get("VIMG"):  # VIMG=256 VPATCH=32: the CLIP view at full resolution, the same 8 x 8 tokens
     import dataclasses
     config = config.replace(vision=dataclasses.replace(config.vision, image_size=int(os.environ["VIMG"]), patch_size=int(os.environ["VPATCH"])))
-torch.manual_seed(0); tok = S.synref_tokenizer(); m = S.MllmPretrainer(config, tok); prep = image_prep_for(config)
+AUX = float(os.environ.get("AUX", "0"))
+if os.environ.get("IMGPOS") == "after":
+    config = config.replace(image_after_prompt=True)
+from ppcr.training.vision_pretrain import target_patches
+torch.manual_seed(0); tok = S.synref_tokenizer(); m = S.MllmPretrainer(config, tok, image_grounding=AUX); prep = image_prep_for(config)
 G = config.vision.image_size // config.vision.patch_size  # 8
 
 def sample(rng):
@@ -41,11 +47,12 @@ def sample(rng):
         bx[better] = np.array(o.box, np.float32) / 256
     return {"clip_pixel_values": prep.clip(img), "expression": f"the {t.color} {t.shape}",
             "attributes": {"shape": t.shape, "color": t.color, "size": t.size, "pattern": t.pattern},
-            "box": torch.tensor(t.box), "original_size": (256, 256), "cl": torch.from_numpy(cl).flatten(), "sh": torch.from_numpy(sh).flatten(), "bx": torch.from_numpy(bx).reshape(-1, 4)}
+            "box": torch.tensor(t.box), "original_size": (256, 256), "cl": torch.from_numpy(cl).flatten(), "sh": torch.from_numpy(sh).flatten(), "bx": torch.from_numpy(bx).reshape(-1, 4),
+            "target_patches": target_patches(t.visible, G)}
 
 def batch(rng, n):
     items = [sample(rng) for _ in range(n)]
-    b = {k: [i[k] for i in items] for k in ("expression", "attributes", "box", "original_size")}
+    b = {k: [i[k] for i in items] for k in ("expression", "attributes", "box", "original_size", "target_patches")}
     for k in ("clip_pixel_values", "cl", "sh", "bx"): b[k] = torch.stack([i[k] for i in items])
     return b
 
@@ -93,13 +100,14 @@ print(name, "NOBJ", NOBJ, "VSTEPS", VSTEPS, "BOXW", BOXW, "PW", PW, "PROBE_ALL",
       "FREEZE_V", FREEZE_V, "val", evaluate(), flush=True)
 for step in range(1, steps + 1):
     b = batch(rng, 16); tasks = ["where"] * 16
-    hidden, targets = m.answer_hidden(b, tasks, prng)
+    seq, enc = m.sequence_hidden(b, tasks, prng); hidden, targets = m.answer_positions(seq, enc)
+    aux, hit = m.image_grounding_loss(seq, enc, b) if AUX else (torch.zeros(()), torch.zeros(()))
     ce = torch.nn.functional.cross_entropy(m.llava.get_output_embeddings()(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100)
     gt = S.normalised_boxes(b, [True] * 16)
     if PROBE_ALL:
         l1 = (m.box_probe(hidden) - gt[:, None]).abs().mean(-1)[targets != -100].mean()
     else:
         l1 = torch.nn.functional.l1_loss(m.probe_boxes(hidden, targets), gt)
-    loss = ce + PW * l1
+    loss = ce + PW * l1 + AUX * aux
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step()
-    if step % 50 == 0: print(step, f"ce {ce.item():.3f} l1 {l1.item():.3f} val {evaluate()} {time.time()-t0:.0f}s", flush=True)
+    if step % 50 == 0: print(step, f"ce {ce.item():.3f} l1 {l1.item():.3f} aux {aux.item():.3f} hit {hit.item():.2f} val {evaluate()} {time.time()-t0:.0f}s", flush=True)
