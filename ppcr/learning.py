@@ -54,7 +54,8 @@ METRIC_LABELS = {
                "box_l1": "patch box L1 (fraction of the side)"},  # not a percentage: in the table, not plotted
     "mllm": {"describe_token_acc": "describe: answer-token acc.", "where_token_acc": "where: answer-token acc.",
              "where_box_iou": "where: box IoU", "where_box_acc50": "where: box acc@0.5",
-             "probe_box_iou": "grounding probe: box IoU", "probe_box_acc50": "grounding probe: box acc@0.5"},
+             "probe_box_iou": "grounding probe: box IoU", "probe_box_acc50": "grounding probe: box acc@0.5",
+             "grounding_hit": "image tokens: top token on the target"},
     "ris": {"miou": "mIoU", "oiou": "oIoU", "box_acc50": "box acc@0.5", "box_iou": "box IoU",
             "miou_pred_box_fill": "mIoU of filling the predicted box", "oracle_miou": "mIoU with the GT box"},
 }
