@@ -190,6 +190,10 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
                 "steps": previous["stages"][name]["steps"] + previous["stages"][name].get("steps_before", 0),
                 "git_commit": previous["git_commit"], "command": previous["command"]}
             stages[name]["steps_before"] = stages[name]["continued_from"]["steps"]
+            if "vision_pretrain" not in stages[name] and previous["stages"][name].get("vision_pretrain"):
+                # the continued LLaVA's CLIP tower is still the one that segment's stage 1a trained
+                stages[name]["vision_pretrain"] = {**previous["stages"][name]["vision_pretrain"],
+                                                   "from_previous_segment": True}
             # the whole curve, earlier segments first, in steps counted from the first segment's start
             earlier = previous["stages"][name].get("eval_history_all") or previous["stages"][name].get("eval_history")
             stages[name]["eval_history_all"] = list(earlier or []) + [
@@ -204,7 +208,7 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "config_signature": config_signature(config), "stages": stages,
         "device": device_name(torch.device(profile.device if profile.device != "auto" else "cpu")),
         "torch": torch.__version__, "python": platform.python_version(),
-        "wall_s": round(sum((st["wall_s"] or 0.0) + ((st.get("vision_pretrain") or {}).get("wall_s") or 0.0)
+        "wall_s": round(sum((st["wall_s"] or 0.0) + _own_vision_wall(st)
                             for n, st in stages.items() if not st.get("kept_from_previous")), 1),
         "wall_note": ("training seconds of each stage's last uninterrupted segment; a stage with resumed_from > 0 "
                       "was resumed from that step's checkpoint and its earlier segments are not counted; a stage "
@@ -217,6 +221,12 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
                                                                     "stages", "continued_from")}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def _own_vision_wall(stage: dict[str, Any]) -> float:
+    """Stage 1a's seconds when this segment ran it (not when its record was carried from an earlier segment)."""
+    vision = stage.get("vision_pretrain") or {}
+    return 0.0 if vision.get("from_previous_segment") else float(vision.get("wall_s") or 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,10 +165,12 @@ def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp
     import ppcr.foundation as foundation
     from ppcr.training.profile import load_profile
 
-    first = tmp_path / "first"
-    train_foundation(tmp_path / "run1", first, "smoke", progress=False)
-    monkeypatch.setattr(foundation, "foundation_dir", lambda: first)  # "the shipped foundation" of this test
     raw = yaml.safe_load((Path(foundation.__file__).parent / "training" / "profiles" / "smoke.yaml").read_text())
+    with_1a = {**raw, "stages": {**raw["stages"], "vision_pretrain": {"steps": 3, "batch_size": 4, "warmup_steps": 1}}}
+    (tmp_path / "smoke_1a.yaml").write_text(yaml.safe_dump(with_1a))
+    first = tmp_path / "first"  # with a stage 1a, whose record the continued LLaVA keeps
+    train_foundation(tmp_path / "run1", first, str(tmp_path / "smoke_1a.yaml"), progress=False)
+    monkeypatch.setattr(foundation, "foundation_dir", lambda: first)  # "the shipped foundation" of this test
     raw["stages"]["sam_pretrain"] = {"init": "shipped"}
     raw["stages"]["mllm_pretrain"].update(init="shipped", probe_positions="all", probe_weight=5.0, probe_giou=False)
     profile_path = tmp_path / "smoke_stage1.yaml"
@@ -183,6 +185,9 @@ def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp
     assert lineage["sha256"] == previous["files"]["llava/model.safetensors"]
     assert manifest["stages"]["mllm_pretrain"]["steps_before"] == load_profile("smoke").stage("mllm_pretrain").steps
     assert manifest["continued_from"]["files"] == previous["files"]
+    tower = manifest["stages"]["mllm_pretrain"]["vision_pretrain"]  # carried, and its time not counted again
+    assert tower["from_previous_segment"] and tower["steps"] == 3
+    assert manifest["wall_s"] == pytest.approx(manifest["stages"]["mllm_pretrain"]["wall_s"], abs=0.1)
     history = manifest["stages"]["mllm_pretrain"]["eval_history_all"]  # the curve over both segments, one step axis
     steps = [r["step"] for r in history]
     assert steps == sorted(steps) and len(history) == len(previous["stages"]["mllm_pretrain"]["eval_history"]) + len(
