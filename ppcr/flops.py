@@ -186,7 +186,7 @@ def encoded_passes(cfg: PPCRConfig, tokenizer, expressions: Sequence[str]):
     def encode(templates: tuple[str, ...], index: int, answer: str, query: str):
         template = prompts.pick_template(templates, None, index)
         ctx, ans = zip(*[prompts.conversation(prompts.fill(template, e), answer, cfg.system_prompt,
-                                                              cfg.image_after_prompt)
+                                              cfg.image_after_prompt)
                          for e in expressions])
         return encode_pass(tokenizer, ctx, ans, query, cfg.vision.num_image_tokens)
 

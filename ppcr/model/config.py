@@ -72,8 +72,12 @@ class VisionConfig:
     projection_dim: int = 768
 
     @property
+    def patch_grid(self) -> int:  # patches per side of the (square) CLIP input
+        return self.image_size // self.patch_size
+
+    @property
     def num_image_tokens(self) -> int:  # LLaVA "default" strategy drops CLS
-        return (self.image_size // self.patch_size) ** 2
+        return self.patch_grid ** 2
 
 
 @dataclass

@@ -601,7 +601,7 @@ def run_vision_pretrain(profile: Profile, out: Path, seed: int, resume: bool = F
     torch.manual_seed(seed)
     module = DenseVisionPretrainer(build_vision_tower(config, synref_tokenizer()), config.vision_feature_layer)
     prep = image_prep_for(config)
-    grid = config.vision.image_size // config.vision.patch_size
+    grid = config.vision.patch_grid
     data = patch_targets_data(root, profile.datasets, "train", prep, grid)
     cfg = loop_config(profile, "vision_pretrain", seed, len(data))
     evaluate = None
@@ -653,7 +653,7 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     if spec.freeze_vision:
         module.llava.model.vision_tower.requires_grad_(False)
     prep = image_prep_for(config)
-    grid = config.vision.image_size // config.vision.patch_size if spec.image_grounding > 0 else None
+    grid = config.vision.patch_grid if spec.image_grounding > 0 else None
     parts: list[Dataset] = [WithTargetAttributes(d, grid) for d in split_datasets(profile, root, prep)]
     if spec.object_grounding:
         parts += [ObjectGroundingQuestions(Refer(root, d.name, d.split_by), "train", prep, grid)

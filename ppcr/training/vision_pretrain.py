@@ -48,7 +48,11 @@ def _square(mask: np.ndarray) -> np.ndarray:
 
 def patch_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
     """(grid*grid,) float32: the share of each patch of CLIP's square view (row-major) that the (H, W) mask covers."""
-    square = _square(mask.astype(np.float32))
+    return _square_coverage(_square(mask.astype(np.float32)), grid)
+
+
+def _square_coverage(square: np.ndarray, grid: int) -> np.ndarray:
+    """`patch_coverage` of a mask already in the square view (`_square`)."""
     side = square.shape[0]
     # pixel sums over the grid's cells / the cells' areas
     edges = np.linspace(0, side, grid + 1).round().astype(int)
@@ -85,7 +89,7 @@ def patch_targets(masks: list[np.ndarray], attributes: list[dict[str, Any]], gri
         ys, xs = np.nonzero(square)
         if not len(xs):
             continue
-        frac = patch_coverage(mask, grid)
+        frac = _square_coverage(square, grid)
         better = (frac >= MIN_COVER) & (frac > cover)
         for key, values in ATTRIBUTE_VALUES.items():
             labels[key][better] = values.index(attrs[key]) + 1
