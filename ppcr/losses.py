@@ -33,6 +33,14 @@ def box_l1(pred_norm: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred_norm.float(), target_norm.float())
 
 
+def image_grounding_ce(logits: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
+    """Not in Eq. 7 (the small presets' recipe, `PPCRConfig.train_image_grounding`): cross-entropy of the image
+    tokens' softmax (B, N_img) against the target's patches (B, N_img) in {0, 1}, their mass shared equally."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tp = target_patches.to(logp.device, logp.dtype)
+    return -((logp * tp).sum(-1) / tp.sum(-1).clamp(min=1)).mean()
+
+
 def total_loss(
     weights: LossWeights,
     mask_logits: list[torch.Tensor],
@@ -40,8 +48,11 @@ def total_loss(
     pred_boxes_norm: torch.Tensor | None,
     target_boxes_norm: torch.Tensor | None,
     ce_terms: list[torch.Tensor],
+    grounding_terms: list[torch.Tensor] | None = None,
+    grounding_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Each term and the weighted total. A term absent for a variant (no box for `glamm`) is 0 and not weighted."""
+    """Each term and the weighted total. A term absent for a variant (no box for `glamm`) is 0 and not weighted.
+    `grounding_terms` (one `image_grounding_ce` per LLM pass) add their mean times `grounding_weight` (not Eq. 7)."""
     if len(mask_logits) != len(target_masks):
         raise ValueError(f"{len(mask_logits)} predicted masks for {len(target_masks)} targets")
     for pred, tgt in zip(mask_logits, target_masks):
@@ -53,4 +64,8 @@ def total_loss(
     l1 = box_l1(pred_boxes_norm, target_boxes_norm) if pred_boxes_norm is not None else torch.zeros((), device=device)
     ce = torch.stack(ce_terms).mean() if ce_terms else torch.zeros((), device=device)
     total = weights.bce * bce + weights.dice * dice + weights.l1 * l1 + weights.ce * ce
-    return {"total": total, "bce": bce, "dice": dice, "l1": l1, "ce": ce}
+    out = {"total": total, "bce": bce, "dice": dice, "l1": l1, "ce": ce}
+    if grounding_terms:
+        out["grounding"] = torch.stack(grounding_terms).mean()
+        out["total"] = total + grounding_weight * out["grounding"]
+    return out

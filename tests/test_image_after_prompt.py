@@ -136,3 +136,42 @@ def test_ris_training_step_with_the_question_first(variant):
     lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
     for branch in ("semantic", "spatial"):
         assert any(g is not None and g.abs().sum() > 0 for n, g in lora.items() if f".{branch}." in n), branch
+
+
+def test_ris_grounding_loss_needs_the_question_first():
+    with pytest.raises(ValueError, match="image_after_prompt"):
+        PPCRModel.build(tiny_config(train_image_grounding=1.0), extra_words=["red"])
+
+
+@pytest.mark.parametrize("variant,passes", [("glamm", 1), ("ppcr", 2)])
+def test_ris_grounding_loss_per_llm_pass(variant, passes):
+    """Stages 2-3 with `train_image_grounding`: one grounding term per LLM pass (branch A; branch B where the
+    variant has it), added to the total with its weight; through branch B's image tokens it reaches the soft-token
+    projection of P_seg_txt. In evaluation nothing changes: the same weights give the same masks and boxes."""
+    from test_model import WORDS, make_batch
+
+    torch.manual_seed(0)
+    model = PPCRModel.build(tiny_config(variant=variant, image_after_prompt=True, train_image_grounding=2.0),
+                            extra_words=WORDS).train()
+    batch = make_batch(model)
+    out = model(batch, rng=random.Random(0))
+    assert len(out.stages.grounding_logits) == passes
+    assert out.stages.grounding_logits[0].shape == (3, tiny_config().vision.num_image_tokens)
+    eq7 = sum(getattr(model.config.loss, k) * out.losses[k] for k in ("bce", "dice", "l1", "ce"))
+    torch.testing.assert_close(out.losses["total"], eq7 + 2.0 * out.losses["grounding"])
+    assert float(out.losses["grounding"].detach()) > 0
+    model.zero_grad()
+    out.losses["grounding"].backward()
+    assert model.grounding_head.weight.grad.abs().sum() > 0
+    soft_grad = model.seg_to_llm.weight.grad
+    assert (soft_grad is not None and soft_grad.abs().sum() > 0) == (variant == "ppcr")
+
+    model.eval()
+    with torch.no_grad():
+        off = model.config.replace(train_image_grounding=0.0)
+        assert not model(batch).stages.grounding_logits and "grounding" not in model(batch).losses
+        plain = PPCRModel.build(off, tokenizer=model.tokenizer).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("grounding_head.")})
+        for a, b in zip(model.predict(batch["images"], [["left red circle", "green star"], ["green star"]]),
+                        plain.predict(batch["images"], [["left red circle", "green star"], ["green star"]])):
+            np.testing.assert_array_equal(a["mask"], b["mask"])

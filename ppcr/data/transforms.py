@@ -118,3 +118,41 @@ def mask_from_sam_frame(
     x = x[..., : input_size[0], : input_size[1]]
     x = F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
     return x.reshape(*lead, *original_size)
+
+
+# -- masks on CLIP's patch grid (stage 1a's patch labels, the image-token grounding targets) ---------------
+MIN_COVER = 0.2  # a patch is labelled with an object that covers at least this share of it
+
+
+def square_view(mask: np.ndarray) -> np.ndarray:
+    """(H, W) -> (S, S), S = max(H, W), the mask centred as `expand2square` centres the image for CLIP."""
+    h, w = mask.shape
+    side = max(h, w)
+    out = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = mask
+    return out
+
+
+def patch_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
+    """(grid*grid,) float32: the share of each patch of CLIP's square view (row-major) that the (H, W) mask covers."""
+    return square_coverage(square_view(mask.astype(np.float32)), grid)
+
+
+def square_coverage(square: np.ndarray, grid: int) -> np.ndarray:
+    """`patch_coverage` of a mask already in the square view (`square_view`)."""
+    side = square.shape[0]
+    # pixel sums over the grid's cells / the cells' areas
+    edges = np.linspace(0, side, grid + 1).round().astype(int)
+    sums = np.add.reduceat(np.add.reduceat(square, edges[:-1], axis=0), edges[:-1], axis=1)  # (grid, grid)
+    return (sums / np.outer(np.diff(edges), np.diff(edges))).reshape(grid * grid).astype(np.float32)
+
+
+def target_patches(mask: np.ndarray, grid: int) -> torch.Tensor:
+    """(grid*grid,) float {0, 1}: the patches the object covers by at least MIN_COVER (its best-covered patch
+    when it covers none that much; all zeros for an empty mask). Stage 1's image-token grounding target."""
+    cover = patch_coverage(mask, grid)
+    out = (cover >= MIN_COVER).astype(np.float32)
+    if not out.any() and cover.max() > 0:
+        out[int(cover.argmax())] = 1.0
+    return torch.from_numpy(out)

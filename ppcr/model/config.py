@@ -177,6 +177,12 @@ class PPCRConfig:
     train_box_prompt: str = "pred"
     train_gt_box_prob: float = 0.5
     train_gt_box_jitter: float = 0.1
+    # not in the paper (a small-scale recipe choice, 0 = off): the weight of the image-token grounding loss in
+    # stages 2-3, the one the small foundation's stage 1 trains with. Every LLM pass of a training step (branch A,
+    # and branch B where the variant has it) puts a linear head on its image tokens' last hidden states, softmaxed
+    # over the image, whose mass must sit on the target's patches. Needs image_after_prompt (the image tokens must
+    # see the expression, or branch B's P_seg_txt soft token).
+    train_image_grounding: float = 0.0
     eval_semantic_template: int = 0
     eval_spatial_template: int = 0
     seed: int = 0

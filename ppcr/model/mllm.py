@@ -234,13 +234,15 @@ class MultimodalLLM(nn.Module):
         image_index: torch.Tensor,
         soft_tokens: torch.Tensor | None = None,
         compute_ce: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image_hidden: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One LLM pass with LoRA `branch` active.
 
         encoded: the tokenised conversation (B rows); image_features: (N, N_img, d) per image, scattered into the
         `<image>` slots of the rows on that image (`image_index`: (B,) values in [0, N)); soft_tokens: (B, d)
         written into the `[P_SEG]` slot (one per row) when given.
-        Returns the last-layer hidden state at the query position (B, d) and the answer's next-token CE.
+        Returns the last-layer hidden state at the query position (B, d), the answer's next-token CE and, with
+        `image_hidden`, the last-layer hidden states of the image tokens (B, N_img, d); None for what was not asked.
 
         Without gradients and CE (evaluation, predict), with `prefix_cache` on and some image of the batch holding
         several rows, the prompt prefix that all rows share (`shared_prefix_length`) runs once per image and each
@@ -248,11 +250,11 @@ class MultimodalLLM(nn.Module):
         """
         self.use_branch(branch)
         shared = len(torch.unique(image_index)) < len(image_index)  # some image has several rows to share with
-        if self.prefix_cache and shared and not compute_ce and not torch.is_grad_enabled():
+        if self.prefix_cache and shared and not compute_ce and not image_hidden and not torch.is_grad_enabled():
             prefix = shared_prefix_length(encoded, self.pseg_token_id if soft_tokens is not None else None,
                                           self.image_token_id)
             if prefix > 0:
-                return self._run_cached(encoded, image_features, image_index, soft_tokens, prefix), None
+                return self._run_cached(encoded, image_features, image_index, soft_tokens, prefix), None, None
         embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index],
                                        self.image_token_id, soft_tokens, self.pseg_token_id)
         hidden = self.llava.model.language_model(
@@ -261,7 +263,11 @@ class MultimodalLLM(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         query = hidden[rows, encoded.query_index]  # (B, d)
         ce = answer_cross_entropy(self.llava, hidden, encoded.labels) if compute_ce else None
-        return query, ce
+        image = None
+        if image_hidden:
+            slots = encoded.input_ids == self.image_token_id  # (B, L), N_img per row
+            image = hidden[slots].reshape(hidden.shape[0], -1, hidden.shape[-1])  # (B, N_img, d)
+        return query, ce, image
 
     def _run_cached(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor,
                     soft_tokens: torch.Tensor | None, prefix: int) -> torch.Tensor:

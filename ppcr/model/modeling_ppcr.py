@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ppcr.data.transforms import ImagePrep
-from ppcr.losses import total_loss
+from ppcr.data.transforms import ImagePrep, target_patches
+from ppcr.losses import image_grounding_ce, total_loss
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
 from ppcr.model.heads import AttentionBoxHead, MLPBoxHead, SegPromptHead, SoftTokenProjector, order_box
@@ -46,6 +46,7 @@ class StageOutputs:
     low_res_masks: torch.Tensor  # (B, 1, 4s, 4s) mask logits
     iou_pred: torch.Tensor  # (B, 1) SAM's predicted IoU
     ce_terms: list[torch.Tensor] = field(default_factory=list)
+    grounding_logits: list[torch.Tensor] = field(default_factory=list)  # per LLM pass (B, N_img), training only
 
 
 @dataclass
@@ -96,6 +97,14 @@ class PPCRModel(nn.Module):
                                                         config.vision.num_image_tokens)
         else:
             self.box_head = MLPBoxHead(d, config.box_head_hidden)
+        # the small presets' image-token grounding loss (`train_image_grounding`; not in the paper), one head for
+        # both branches: image-token hidden state (d) -> grounding logit
+        self.grounding_head: nn.Linear | None = None
+        if config.train_image_grounding > 0:
+            if not config.image_after_prompt:
+                raise ValueError("train_image_grounding needs image_after_prompt: with the image before the prompt "
+                                 "the image tokens cannot see what is asked")
+            self.grounding_head = nn.Linear(d, 1)
 
     # ---------------------------------------------------------------------------------------------------------
     # construction
@@ -126,8 +135,9 @@ class PPCRModel(nn.Module):
         llava.get_output_embeddings().weight.requires_grad_(True)
         self.mllm.train_all_token_rows(False)
         for module in (self.text_hidden_fcs, self.seg_to_llm, self.box_head, self.segmenter.sam.prompt_encoder,
-                       self.segmenter.sam.mask_decoder):
-            module.requires_grad_(True)
+                       self.segmenter.sam.mask_decoder, self.grounding_head):
+            if module is not None:
+                module.requires_grad_(True)
 
     def image_prep(self) -> ImagePrep:
         return image_prep_for(self.config)
@@ -150,9 +160,21 @@ class PPCRModel(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     # the three stages
     # ---------------------------------------------------------------------------------------------------------
+    def _grounding(self) -> bool:
+        """Whether this pass computes the image-token grounding logits (training with the loss on)."""
+        return self.training and self.grounding_head is not None
+
+    def _grounding_logits(self, image_hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, N_img, d) image-token hidden states -> (B, N_img) grounding logits, or None."""
+        if image_hidden is None or self.grounding_head is None:
+            return None
+        return self.grounding_head(image_hidden.float()).squeeze(-1)
+
     def semantic_stage(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
-                       rng: random.Random | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Branch A: (N, N_img, d) features per image, (B,) image of each expression -> P_seg_txt (B, C), CE."""
+                       rng: random.Random | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Branch A: (N, N_img, d) features per image, (B,) image of each expression -> P_seg_txt (B, C), CE and
+        (training with `train_image_grounding`) the image tokens' grounding logits (B, N_img)."""
         cfg = self.config
         ctx, ans = zip(*[
             prompts.conversation(
@@ -161,13 +183,15 @@ class PPCRModel(nn.Module):
             for e in expressions
         ])
         enc = encode_pass(self.tokenizer, ctx, ans, prompts.SEG_TOKEN, image_features.shape[1]).to(self.device)
-        h_seg, ce = self.mllm.run_branch("semantic", enc, image_features, image_index, compute_ce=self.training)
-        return self.text_hidden_fcs(h_seg.float()), ce
+        h_seg, ce, image_hidden = self.mllm.run_branch("semantic", enc, image_features, image_index,
+                                                       compute_ce=self.training, image_hidden=self._grounding())
+        return self.text_hidden_fcs(h_seg.float()), ce, self._grounding_logits(image_hidden)
 
     def spatial_stage(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
                       p_seg_txt: torch.Tensor, rng: random.Random | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Branch B: spatial prompt (with P_seg_txt as soft token) -> P_seg_box (B, d), raw box (B, 4), CE."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Branch B: spatial prompt (with P_seg_txt as soft token) -> P_seg_box (B, d), raw box (B, 4), CE and the
+        grounding logits (B, N_img) as in `semantic_stage`."""
         cfg = self.config
         source = cfg.spec.spatial_source
         templates = prompts.spatial_templates(source)
@@ -179,10 +203,11 @@ class PPCRModel(nn.Module):
         ])
         enc = encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)
         soft = None if source == "re" else self.seg_to_llm(p_seg_txt)
-        p_seg_box, ce = self.mllm.run_branch("spatial", enc, image_features, image_index, soft_tokens=soft,
-                                             compute_ce=self.training)
+        p_seg_box, ce, image_hidden = self.mllm.run_branch("spatial", enc, image_features, image_index,
+                                                           soft_tokens=soft, compute_ce=self.training,
+                                                           image_hidden=self._grounding())
         box_raw = self.box_head(p_seg_box.float(), image_features[image_index].float())
-        return p_seg_box, box_raw, ce
+        return p_seg_box, box_raw, ce, self._grounding_logits(image_hidden)
 
     def _jitter_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """(B, 4) ground-truth pixel boxes moved by up to `train_gt_box_jitter` of their size per coordinate (as
@@ -217,15 +242,18 @@ class PPCRModel(nn.Module):
         if len(expressions) != image_index.shape[0]:
             raise ValueError(f"{len(expressions)} expressions for {image_index.shape[0]} image indices")
         expressions = [prompts.check_expression(e) for e in expressions]
-        p_seg_txt, ce_sem = self.semantic_stage(image_features, image_index, expressions, rng)
+        p_seg_txt, ce_sem, ground_sem = self.semantic_stage(image_features, image_index, expressions, rng)
         ce_terms = [ce_sem] if ce_sem is not None else []
+        grounding = [ground_sem] if ground_sem is not None else []
         p_seg_box = boxes_raw = boxes_norm = None
         if self.config.spec.uses_spatial_stage:
-            p_seg_box, boxes_raw, ce_spa = self.spatial_stage(image_features, image_index, expressions, p_seg_txt,
-                                                                rng)
+            p_seg_box, boxes_raw, ce_spa, ground_spa = self.spatial_stage(image_features, image_index, expressions,
+                                                                          p_seg_txt, rng)
             boxes_norm = order_box(boxes_raw)
             if ce_spa is not None:
                 ce_terms.append(ce_spa)
+            if ground_spa is not None:
+                grounding.append(ground_spa)
 
         wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
         mode = self.box_prompt_mode()
@@ -247,7 +275,8 @@ class PPCRModel(nn.Module):
                 sam_boxes = torch.where(use_gt, gt, sam_boxes)
         boxes_in = None if sam_boxes is None else self.segmenter.boxes_to_input_frame(sam_boxes, list(original_sizes))
         low_res, iou = self.segmenter.decode(sam_embeddings, image_index, boxes_in, p_seg_txt)
-        return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms)
+        return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms,
+                            grounding)
 
     # ---------------------------------------------------------------------------------------------------------
     # batches from ppcr.data (training / evaluation)
@@ -297,7 +326,13 @@ class PPCRModel(nn.Module):
             if stages.boxes_raw is not None:
                 wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
                 target_norm = gt_boxes / wh
-            losses = total_loss(self.config.loss, masks, targets, stages.boxes_raw, target_norm, stages.ce_terms)
+            grounding = []
+            if stages.grounding_logits:  # the image-token grounding loss per LLM pass, against the target's patches
+                grid = self.config.vision.patch_grid
+                patches = torch.stack([target_patches(m.cpu().numpy(), grid) for m in batch["mask"]])
+                grounding = [image_grounding_ce(g, patches) for g in stages.grounding_logits]
+            losses = total_loss(self.config.loss, masks, targets, stages.boxes_raw, target_norm, stages.ce_terms,
+                                grounding, self.config.train_image_grounding)
             loss = losses["total"]
         return PPCROutput(loss, losses, masks, stages)
 

@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from ppcr.data.dataset import ImageObjectsDataset, ReferSegDataset, collate_refer
 from ppcr.data.refer import Refer, load_image
 from ppcr.data.transforms import ImagePrep
-from ppcr.losses import mask_bce, mask_dice
+from ppcr.losses import image_grounding_ce, mask_bce, mask_dice
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
 from ppcr.model.heads import MLPBoxHead
@@ -445,11 +445,10 @@ class MllmPretrainer(nn.Module):
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the image-token softmax against the target's patches (their mass shared equally), and
         the share of rows whose top token lies on the target."""
-        logp = torch.log_softmax(self.image_token_logits(hidden, enc), dim=-1)  # (B, N_img)
-        tp = torch.stack([torch.as_tensor(t) for t in batch["target_patches"]]).to(logp.device)  # (B, N_img)
-        loss = -((logp * tp).sum(-1) / tp.sum(-1).clamp(min=1)).mean()
-        hit = (tp.gather(1, logp.argmax(-1, keepdim=True)) > 0).float().mean()
-        return loss, hit
+        logits = self.image_token_logits(hidden, enc)  # (B, N_img)
+        tp = torch.stack([torch.as_tensor(t) for t in batch["target_patches"]]).to(logits.device)  # (B, N_img)
+        hit = (tp.gather(1, logits.argmax(-1, keepdim=True)) > 0).float().mean()
+        return image_grounding_ce(logits, tp), hit
 
     def answer_hidden(self, batch: dict[str, Any], tasks: list[str], rng: random.Random | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -771,9 +770,11 @@ def run_ris_stage(profile: Profile, out: Path, variant: str, seed: int, stage_na
     _fresh(stage, resume)
     model = build_ris_model(profile, variant, seed, weights)
     if init_from is not None:
-        # branch A, the [SEG] head and SAM's prompt encoder / decoder from stage 2; branch B, the soft-token
-        # projection and the box head start fresh (branch B = the pretrained LLM, LoRA B initialised to zero).
-        load_weights_into(model, init_from, prefixes=("text_hidden_fcs.", "segmenter.sam."), branches=("semantic",))
+        # branch A, the [SEG] head, SAM's prompt encoder / decoder and (with `train_image_grounding`) the grounding
+        # head from stage 2; branch B, the soft-token projection and the box head start fresh (branch B = the
+        # pretrained LLM, LoRA B initialised to zero).
+        load_weights_into(model, init_from, prefixes=("text_hidden_fcs.", "segmenter.sam.", "grounding_head."),
+                          branches=("semantic",))
         if variant == "glamm":
             load_weights_into(model, init_from)
     cache = sam_cache_for(model, out)

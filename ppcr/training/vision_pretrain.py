@@ -25,49 +25,15 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ppcr.data.refer import Refer, load_image
 from ppcr.data.synref_language import COLORS, PATTERNS, SHAPES, SIZES
-from ppcr.data.transforms import ImagePrep
+from ppcr.data.transforms import (MIN_COVER, ImagePrep, patch_coverage, square_coverage, square_view,  # noqa: F401
+                                  target_patches)  # (re-exported: the grounding targets' old home)
 from ppcr.model.config import PPCRConfig
 from ppcr.model.mllm import build_llava
 from ppcr.training.diagnostics import batches
 
 VISION_PRETRAIN_VERSION = 1  # bump when the objective changes, so cached towers are not reused
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"color": COLORS, "shape": SHAPES, "pattern": PATTERNS, "size": SIZES}
-MIN_COVER = 0.2  # a patch is labelled with an object that covers at least this share of it
 BOX_WEIGHT = 5.0  # the box L1's weight beside the four cross-entropies (BOXW=5 in notes/experiments/localisation)
-
-
-def _square(mask: np.ndarray) -> np.ndarray:
-    """(H, W) -> (S, S), S = max(H, W), the mask centred as `expand2square` centres the image for CLIP."""
-    h, w = mask.shape
-    side = max(h, w)
-    out = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    out[top:top + h, left:left + w] = mask
-    return out
-
-
-def patch_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
-    """(grid*grid,) float32: the share of each patch of CLIP's square view (row-major) that the (H, W) mask covers."""
-    return _square_coverage(_square(mask.astype(np.float32)), grid)
-
-
-def _square_coverage(square: np.ndarray, grid: int) -> np.ndarray:
-    """`patch_coverage` of a mask already in the square view (`_square`)."""
-    side = square.shape[0]
-    # pixel sums over the grid's cells / the cells' areas
-    edges = np.linspace(0, side, grid + 1).round().astype(int)
-    sums = np.add.reduceat(np.add.reduceat(square, edges[:-1], axis=0), edges[:-1], axis=1)  # (grid, grid)
-    return (sums / np.outer(np.diff(edges), np.diff(edges))).reshape(grid * grid).astype(np.float32)
-
-
-def target_patches(mask: np.ndarray, grid: int) -> torch.Tensor:
-    """(grid*grid,) float {0, 1}: the patches the object covers by at least MIN_COVER (its best-covered patch
-    when it covers none that much; all zeros for an empty mask). Stage 1's image-token grounding target."""
-    cover = patch_coverage(mask, grid)
-    out = (cover >= MIN_COVER).astype(np.float32)
-    if not out.any() and cover.max() > 0:
-        out[int(cover.argmax())] = 1.0
-    return torch.from_numpy(out)
 
 
 def patch_targets(masks: list[np.ndarray], attributes: list[dict[str, Any]], grid: int
@@ -84,12 +50,12 @@ def patch_targets(masks: list[np.ndarray], attributes: list[dict[str, Any]], gri
     box = np.zeros((n, 4), dtype=np.float32)
     cover = np.zeros(n, dtype=np.float32)
     for mask, attrs in zip(masks, attributes):
-        square = _square(mask.astype(np.float32))
+        square = square_view(mask.astype(np.float32))
         side = square.shape[0]
         ys, xs = np.nonzero(square)
         if not len(xs):
             continue
-        frac = _square_coverage(square, grid)
+        frac = square_coverage(square, grid)
         better = (frac >= MIN_COVER) & (frac > cover)
         for key, values in ATTRIBUTE_VALUES.items():
             labels[key][better] = values.index(attrs[key]) + 1
