@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -274,6 +275,17 @@ def test_config_json_round_trip(tmp_path):
     cfg = tiny_config(variant="attn_box")
     cfg.save_json(tmp_path / "c.json")
     assert PPCRConfig.load_json(tmp_path / "c.json") == cfg
+
+
+def test_nested_overrides_change_only_the_named_fields():
+    """A profile's `model:` block can set part of a sub-config (`lora: {r: 32}`): the rest keeps the preset's."""
+    base = tiny_config()
+    cfg = tiny_config(lora={"r": 32, "alpha": 64}, vision={"num_hidden_layers": 3})
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (32, 64, base.lora.target_modules)
+    assert cfg.vision.num_hidden_layers == 3 and cfg.vision.hidden_size == base.vision.hidden_size
+    assert cfg.replace(lora={"dropout": 0.0}).lora == dataclasses.replace(cfg.lora, dropout=0.0)
+    with pytest.raises(TypeError):
+        tiny_config(lora={"rank": 4})
 
 
 def test_loads_llava_and_tokenizer_from_a_local_llava_hf_folder(models, tmp_path):

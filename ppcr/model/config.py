@@ -227,6 +227,11 @@ class PPCRConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def replace(self, **changes: Any) -> "PPCRConfig":
+        """A copy with `changes`. A dict for a sub-config (vision, text, sam, lora, loss) changes only the fields
+        it names, e.g. `lora={"r": 32}` from a profile's `model:` block."""
+        for key, value in changes.items():
+            if isinstance(value, dict) and dataclasses.is_dataclass(getattr(self, key, None)):
+                changes[key] = dataclasses.replace(getattr(self, key), **value)
         return dataclasses.replace(self, **changes)
 
 
@@ -237,7 +242,7 @@ class PPCRConfig:
 
 def paper_config(**overrides: Any) -> PPCRConfig:
     """LLaVA-1.5-7B (CLIP ViT-L/14-336, 576 image tokens, Vicuna-7B) + SAM ViT-H, bf16, gradient checkpointing."""
-    return PPCRConfig(preset="paper", **overrides)
+    return PPCRConfig(preset="paper").replace(**overrides)
 
 
 def small_config(**overrides: Any) -> PPCRConfig:
@@ -264,7 +269,7 @@ def small_config(**overrides: Any) -> PPCRConfig:
         attn_box_layers=3,
         attn_box_heads=4,
     )
-    return dataclasses.replace(cfg, **overrides)
+    return cfg.replace(**overrides)
 
 
 def tiny_config(**overrides: Any) -> PPCRConfig:
@@ -288,7 +293,7 @@ def tiny_config(**overrides: Any) -> PPCRConfig:
         attn_box_layers=2,
         attn_box_heads=2,
     )
-    return dataclasses.replace(cfg, **overrides)
+    return cfg.replace(**overrides)
 
 
 PRESETS = {"paper": paper_config, "small": small_config, "tiny": tiny_config}
