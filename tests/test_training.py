@@ -164,6 +164,28 @@ def test_schedule_sampler_and_cache(tmp_path):
     assert torch.equal(SamEmbeddingCache(tmp_path, "enc123")["bb22"], y)
 
 
+def test_sam_gets_its_own_learning_rate(tmp_path):
+    """`StageSpec.sam_lr`: SAM's prompt encoder and mask decoder in their own optimizer group, at that peak rate,
+    under the same warm-up and decay; every other trainable parameter at `lr`."""
+    from ppcr.model.config import tiny_config
+    from ppcr.model.modeling_ppcr import PPCRModel
+    from ppcr.training.loop import param_groups
+    from ppcr.training.profile import StageSpec
+    from ppcr.training.stages import loop_config
+
+    model = PPCRModel.build(tiny_config(), extra_words=["red"])
+    groups = param_groups(model, 1e-3, {"segmenter.sam.": 3e-4})
+    sam = {id(p) for n, p in model.named_parameters() if n.startswith("segmenter.sam.") and p.requires_grad}
+    by_rate = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert set(by_rate) == {1e-3, 3e-4} and by_rate[3e-4] == sam and not by_rate[1e-3] & sam
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert len(param_groups(model, 1e-3, {})) == 1 and len(param_groups(model, 1e-3, {"nothing.": 1.0})) == 1
+    profile = load_profile("smoke")
+    profile.stages["variants"] = StageSpec(steps=4, lr=1e-3, sam_lr=2e-4)
+    assert loop_config(profile, "variants", 0, 10).lr_by_prefix == {"segmenter.sam.": 2e-4}
+    assert loop_config(profile, "glamm", 0, 10).lr_by_prefix == {}
+
+
 def test_profiles_load_and_validate():
     for name in ("smoke", "demo", "synthetic", "paper"):
         p = load_profile(name)

@@ -51,6 +51,8 @@ class LoopConfig:
     device: str = "auto"
     num_workers: int = 0
     deepspeed_config: str | None = None
+    # parameter-name prefix -> its own peak learning rate (the same warm-up and decay); the others get `lr`
+    lr_by_prefix: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +192,18 @@ StepFn = Callable[[nn.Module, dict[str, Any], random.Random], dict[str, torch.Te
 EvalFn = Callable[[nn.Module], dict[str, float]]  # the unwrapped module (in eval mode, no grad) -> figures
 
 
+def param_groups(module: nn.Module, lr: float, lr_by_prefix: dict[str, float]) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one per prefix of `lr_by_prefix` that matches some (at its
+    rate), and one for the rest (at `lr`); empty groups are left out."""
+    chosen: dict[float, list[nn.Parameter]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        rate = next((r for prefix, r in lr_by_prefix.items() if name.startswith(prefix)), lr)
+        chosen.setdefault(rate, []).append(p)
+    return [{"params": ps, "lr": rate} for rate, ps in chosen.items()]
+
+
 def train_loop(
     module: nn.Module,
     step_fn: StepFn,
@@ -212,10 +226,11 @@ def train_loop(
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
     module.to(device)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    groups = param_groups(module, cfg.lr, cfg.lr_by_prefix)
+    if not groups:
         raise ValueError("nothing to train: no parameter requires grad")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_decay(s, cfg.warmup_steps, cfg.steps))
     checkpointer = Checkpointer(out)

@@ -37,6 +37,9 @@ class StageSpec:
     epochs: float = 0.0
     batch_size: int = 8
     lr: float = 3e-4
+    # stages 2-3: the learning rate of SAM's prompt encoder and mask decoder (None: `lr`), e.g. to keep the
+    # pretrained SAM box-led while the LLM side learns at a higher one
+    sam_lr: float | None = None
     warmup_steps: int = 100
     grad_accum: int = 1
     objects_per_image: int = 1  # stage 0: prompts decoded per image encoding (batch_size counts images there)

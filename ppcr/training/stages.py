@@ -206,6 +206,7 @@ def loop_config(profile: Profile, stage_name: str, seed: int, n_samples: int) ->
         grad_accum=spec.grad_accum, mixed_precision=profile.mixed_precision,
         checkpoint_every=profile.checkpoint_every, seed=seed, device=profile.device,
         num_workers=profile.num_workers, deepspeed_config=_deepspeed_path(profile),
+        lr_by_prefix={} if spec.sam_lr is None else {"segmenter.sam.": spec.sam_lr},
     )
 
 
