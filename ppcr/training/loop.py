@@ -193,8 +193,8 @@ EvalFn = Callable[[nn.Module], dict[str, float]]  # the unwrapped module (in eva
 
 
 def param_groups(module: nn.Module, lr: float, lr_by_prefix: dict[str, float]) -> list[dict[str, Any]]:
-    """The trainable parameters as optimizer groups: one per prefix of `lr_by_prefix` that matches some (at its
-    rate), and one for the rest (at `lr`); empty groups are left out."""
+    """The trainable parameters as optimizer groups, one per learning rate: a parameter whose name starts with a
+    prefix of `lr_by_prefix` gets that prefix's rate (the first that matches), every other one `lr`."""
     chosen: dict[float, list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -230,6 +230,7 @@ def train_loop(
     if not groups:
         raise ValueError("nothing to train: no parameter requires grad")
     params = [p for g in groups for p in g["params"]]
+    logged_group = next((i for i, g in enumerate(groups) if g["lr"] == cfg.lr), 0)  # the log's "lr": cfg.lr's
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_decay(s, cfg.warmup_steps, cfg.steps))
@@ -277,7 +278,8 @@ def train_loop(
             continue
         micro = 0
         step += 1
-        row = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: float(v.detach()) for k, v in losses.items()},
+        row = {"step": step, "lr": scheduler.get_last_lr()[logged_group],
+               **{k: float(v.detach()) for k, v in losses.items()},
                "samples_per_s": samples / max(1e-9, time.perf_counter() - t0)}
         history.append(row)
         for k, v in row.items():
