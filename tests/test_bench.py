@@ -129,7 +129,7 @@ def test_stage_flops_match_torch_flop_counter(model, images):
         n, emb = count(lambda: model.segmenter.encode_images(sam_in[None]))
         assert n == flops.sam_encoder_flops(cfg.sam)
         expr = make_expressions(1, 3)
-        n, (p_seg, _) = count(lambda: model.semantic_stage(feats, torch.tensor([0]), expr, None))
+        n, (p_seg, _, _) = count(lambda: model.semantic_stage(feats, torch.tensor([0]), expr, None))
         (length,), _ = flops.pass_lengths(cfg, model.tokenizer, expr)
         assert n == flops.llama_pass_flops(cfg.text, length, cfg.lora.r) + flops.prompt_heads_flops(cfg, False)
         n, _ = count(lambda: model.spatial_stage(feats, torch.tensor([0]), expr, p_seg, None))
@@ -157,7 +157,7 @@ def test_cached_pass_flops_match_counter(model, images):
     index = torch.zeros(3, dtype=torch.long)
     with torch.no_grad():
         feats = model.mllm.image_features(model.image_prep().clip(images[0])[None])
-        n, (p_seg, _) = count(lambda: model.semantic_stage(feats, index, expr, None))
+        n, (p_seg, _, _) = count(lambda: model.semantic_stage(feats, index, expr, None))
         expected = 3 * flops.llama_cached_pass_flops(cfg.text, p1, len1[0], cfg.lora.r, 3)
         assert n == pytest.approx(expected + 3 * flops.prompt_heads_flops(cfg, False), rel=1e-12)
         n, _ = count(lambda: model.spatial_stage(feats, index, expr, p_seg, None))
