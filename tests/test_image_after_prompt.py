@@ -19,7 +19,7 @@ from ppcr.model.mllm import MultimodalLLM, shared_prefix_length
 from ppcr.model.modeling_ppcr import PPCRModel
 from ppcr.model.tokenizer import encode_pass
 from ppcr.training.stages import MllmPretrainer, synref_tokenizer
-from ppcr.training.vision_pretrain import MIN_COVER, patch_coverage, target_patches
+from ppcr.data.transforms import MIN_COVER, patch_coverage, target_patches
 
 
 def test_conversation_order():

@@ -134,6 +134,12 @@ def answer_cross_entropy(llava: LlavaForConditionalGeneration, hidden: torch.Ten
     return F.cross_entropy(logits.float(), targets[answer])
 
 
+def image_token_states(hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(B, L, d) hidden states -> those of the `<image>` slots, (B, N_img, d) in patch order (N_img per row)."""
+    slots = input_ids == image_token_id  # (B, L)
+    return hidden[slots].reshape(hidden.shape[0], -1, hidden.shape[-1])
+
+
 def shared_prefix_length(encoded: EncodedPass, soft_token_id: int | None = None,
                          image_token_id: int | None = None) -> int:
     """How many leading positions every row of a pass shares and can take from one image's cached prefix.
@@ -263,10 +269,7 @@ class MultimodalLLM(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         query = hidden[rows, encoded.query_index]  # (B, d)
         ce = answer_cross_entropy(self.llava, hidden, encoded.labels) if compute_ce else None
-        image = None
-        if image_hidden:
-            slots = encoded.input_ids == self.image_token_id  # (B, L), N_img per row
-            image = hidden[slots].reshape(hidden.shape[0], -1, hidden.shape[-1])  # (B, N_img, d)
+        image = image_token_states(hidden, encoded.input_ids, self.image_token_id) if image_hidden else None
         return query, ce, image
 
     def _run_cached(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor,

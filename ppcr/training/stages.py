@@ -29,12 +29,12 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ppcr.data.dataset import ImageObjectsDataset, ReferSegDataset, collate_refer
 from ppcr.data.refer import Refer, load_image
-from ppcr.data.transforms import ImagePrep
+from ppcr.data.transforms import ImagePrep, target_patches
 from ppcr.losses import image_grounding_ce, mask_bce, mask_dice
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
 from ppcr.model.heads import MLPBoxHead
-from ppcr.model.mllm import build_llava, llava_image_features, multimodal_embeddings
+from ppcr.model.mllm import build_llava, image_token_states, llava_image_features, multimodal_embeddings
 from ppcr.model.modeling_ppcr import PPCRModel, image_prep_for
 from ppcr.model.persistence import load_weights_into
 from ppcr.model.segmentation import SamSegmenter, build_sam
@@ -45,7 +45,7 @@ from ppcr.training.diagnostics import batches, ris_val_metrics, sam_prompt_metri
 from ppcr.training.loop import LoopConfig, TrainResult, train_loop
 from ppcr.training.profile import Profile, StageSpec
 from ppcr.training.vision_pretrain import (VISION_PRETRAIN_VERSION, DenseVisionPretrainer, build_vision_tower,
-                                           collate_patch_targets, patch_targets_data, target_patches)
+                                           collate_patch_targets, patch_targets_data)
 
 SAM_PRETRAIN_VERSION = 3  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
 MLLM_PRETRAIN_VERSION = 2  # the same for stage 1
@@ -105,7 +105,7 @@ STAGE1_KEYS = ("clip_pixel_values", "expression", "attributes", "box", "original
 class WithTargetAttributes(Dataset):
     """Stage 1's view of a referring dataset: the keys of `STAGE1_KEYS`, with the target's SynRef attributes
     (shape, colour, size, pattern) for the "describe" answers. With `grid` (the CLIP patch grid's side) items also
-    carry "target_patches" ((grid*grid,) {0, 1}, `vision_pretrain.target_patches`) for the image-token grounding."""
+    carry "target_patches" ((grid*grid,) {0, 1}, `ppcr.data.transforms.target_patches`) for the image-token grounding."""
 
     def __init__(self, base: ReferSegDataset, grid: int | None = None):
         self.base = base
@@ -438,8 +438,7 @@ class MllmPretrainer(nn.Module):
 
     def image_token_logits(self, hidden: torch.Tensor, enc: Any) -> torch.Tensor:
         """(B, N_img) grounding logits of the image tokens (row-major patches), from `sequence_hidden`'s output."""
-        slots = enc.input_ids == self.image_token_id  # (B, L), N_img per row
-        image_hidden = hidden[slots].reshape(hidden.shape[0], -1, hidden.shape[-1])  # (B, N_img, d)
+        image_hidden = image_token_states(hidden, enc.input_ids, self.image_token_id)  # (B, N_img, d)
         return self.grounding_head(image_hidden.float()).squeeze(-1)
 
     def image_grounding_loss(self, hidden: torch.Tensor, enc: Any, batch: dict[str, Any]

@@ -25,8 +25,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ppcr.data.refer import Refer, load_image
 from ppcr.data.synref_language import COLORS, PATTERNS, SHAPES, SIZES
-from ppcr.data.transforms import (MIN_COVER, ImagePrep, patch_coverage, square_coverage, square_view,  # noqa: F401
-                                  target_patches)  # (re-exported: the grounding targets' old home)
+from ppcr.data.transforms import MIN_COVER, ImagePrep, square_coverage, square_view
 from ppcr.model.config import PPCRConfig
 from ppcr.model.mllm import build_llava
 from ppcr.training.diagnostics import batches

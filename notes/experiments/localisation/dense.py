@@ -29,7 +29,7 @@ if os.environ.get("VIMG"):  # VIMG=256 VPATCH=32: the CLIP view at full resoluti
 AUX = float(os.environ.get("AUX", "0"))
 if os.environ.get("IMGPOS") == "after":
     config = config.replace(image_after_prompt=True)
-from ppcr.training.vision_pretrain import target_patches
+from ppcr.data.transforms import target_patches
 torch.manual_seed(0); tok = S.synref_tokenizer(); m = S.MllmPretrainer(config, tok, image_grounding=AUX); prep = image_prep_for(config)
 G = config.vision.image_size // config.vision.patch_size  # 8
 
