@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppcr.metrics import RefSegMeter, box_iou, mask_iou, paired_bootstrap
+from ppcr.metrics import RefSegMeter, box_centre_in, box_iou, mask_iou, paired_bootstrap
 
 
 def _rect(h: int, w: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -47,6 +47,21 @@ def test_meter_hand_computed():
     assert out["P@0.9"] == pytest.approx(25.0)
     assert out["box_acc@0.5"] == pytest.approx(50.0)
     assert out["box_ious"] == pytest.approx([1.0, 1 / 3, 0.25, 1.0])
+    assert out["box_mIoU"] == pytest.approx(100 * (1 + 1 / 3 + 0.25 + 1) / 4)
+    assert out["box_centre_in_gt"] == pytest.approx(100.0)  # every centre inside (case 2: on the border)
+
+
+def test_box_centre_in_gt():
+    assert box_centre_in([0, 0, 4, 4], [1, 1, 3, 3])  # centre (2, 2)
+    assert box_centre_in(torch.tensor([4.0, 0, 6, 2]), np.array([5.0, 1, 8, 3]))  # (5, 1): the corner counts
+    assert not box_centre_in([0, 0, 4, 4], [2.5, 0, 8, 8])  # overlapping boxes, the centre (2, 2) outside
+    meter = RefSegMeter()
+    # the right object, loosely (box IoU 1/4 < 0.5, centre inside) and the wrong one (centre outside, IoU 0)
+    meter.update(np.ones((2, 2)), np.ones((2, 2)), [0, 0, 4, 4], [1, 1, 3, 3])
+    meter.update(np.ones((2, 2)), np.ones((2, 2)), [10, 10, 12, 12], [1, 1, 3, 3])
+    out = meter.merge(RefSegMeter()).compute()
+    assert out["box_acc@0.5"] == 0.0 and out["box_centre_in_gt"] == pytest.approx(50.0)
+    assert out["box_mIoU"] == pytest.approx(12.5)
 
 
 def test_meter_without_boxes_merge_and_batch():

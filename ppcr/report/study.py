@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 SMALL_PROFILES = ("smoke", "demo", "synthetic")
-METRICS = ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "box_acc@0.5")
+METRICS = ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "box_acc@0.5", "box_centre_in_gt")
 
 
 @dataclass
