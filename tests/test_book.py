@@ -11,6 +11,7 @@ import pytest
 
 from ppcr import report
 from ppcr.book import broken_internal_links, build, copy_book_sources
+from ppcr.metrics import box_centre_in
 from ppcr.pipeline import run_study
 from ppcr.training.profile import load_profile
 
@@ -140,6 +141,27 @@ def test_claims_table(study: report.Study) -> None:
     assert {r["box_acc"].split(" / ")[1] for r in claims.rows if r["comparison"] == "ppcr \u2212 glamm"} == {"\u2014"}
     oracle = {r["split"]: r["paper_delta"] for r in claims.rows if r["comparison"] == "gt_box_oracle \u2212 ppcr"}
     assert oracle["synref/val"] == round(87.79 - 81.1, 2)  # the paper's refcoco val rows
+
+
+def test_box_conditional_gains(study: report.Study) -> None:
+    table = report.box_conditional_gains(study, n_boot=200)
+    assert {r["comparison"].split(" ")[0] for r in table.rows} <= set(report.BOX_VARIANTS)
+    assert any(r["comparison"] == "ppcr \u2212 glamm" for r in table.rows)
+    for (comparison, key) in {(r["comparison"], r["split"]) for r in table.rows}:
+        candidate = comparison.split(" ")[0]
+        a, b = report.paired_rows(study, "glamm", candidate, key)
+        parts = {r["subset"]: r for r in table.rows if (r["comparison"], r["split"]) == (comparison, key)}
+        inside = [i for i, r in enumerate(b) if box_centre_in(r["pred_box"], r["gt_box"])]
+        assert sum(r["n"] for r in parts.values()) == len(a)
+        assert parts.get("centre in the GT box", {"n": 0})["n"] == len(inside)
+        assert math.isclose(sum(r["share"] for r in parts.values()), 100.0)
+        # the two parts' means, weighted by their sizes, give the whole split's paired means back
+        for side, rows in (("baseline", a), ("candidate", b)):
+            whole = 100 * sum(r["iou"] for r in rows) / len(rows)
+            assert math.isclose(sum(r[side] * r["n"] for r in parts.values()) / len(a), whole, rel_tol=1e-9)
+        for r in parts.values():
+            assert math.isclose(r["delta"], r["candidate"] - r["baseline"], abs_tol=1e-6)
+            assert r["ci_low"] <= r["ci_high"]
 
 
 def test_claim_verdicts() -> None:
