@@ -3,7 +3,8 @@
     study = load_study("runs/demo")           # study.json + every results/<variant>/seed<k>.json
     table1(study)                               # the paper's Table 1 beside the rows this run reproduces
     table2(study), table3(study), box_head_costs(study)
-    seed_summary(study), bootstrap_gains(study), breakdown(study, "expr_type"), failure_cases(study)
+    seed_summary(study), bootstrap_gains(study), box_conditional_gains(study), breakdown(study, "expr_type"),
+    failure_cases(study)
     provenance(study)                           # one markdown line: profile, preset, commit, device, command
 
 Tables are `Table` objects (no pandas): rows are plain dicts, `to_html` / `to_markdown` render them and a notebook
