@@ -57,7 +57,8 @@ METRIC_LABELS = {
              "probe_box_iou": "grounding probe: box IoU", "probe_box_acc50": "grounding probe: box acc@0.5",
              "grounding_hit": "image tokens: top token on the target"},
     "ris": {"miou": "mIoU", "oiou": "oIoU", "box_acc50": "box acc@0.5", "box_iou": "box IoU",
-            "box_centre_in": "box centre in the GT box", "miou_pred_box_fill": "mIoU of filling the predicted box", "oracle_miou": "mIoU with the GT box"},
+            "box_centre_in": "box centre in the GT box", "miou_pred_box_fill": "mIoU of filling the predicted box",
+            "oracle_miou": "mIoU with the GT box"},
 }
 # stage-3 folders in the order of the paper's tables; others follow alphabetically
 RIS_ORDER = ("glamm_init", "glamm", "spatial_re", "spatial_re_seg", "ppcr", "attn_box")

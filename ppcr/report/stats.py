@@ -125,7 +125,9 @@ def box_conditional_gains(study: Study, baseline: str = "glamm", variants: tuple
     rows = []
     for candidate in variants:
         for key, a, b in _paired_splits(study, baseline, candidate):
-            hits = [box_centre_in(r["pred_box"], r["gt_box"]) if r.get("pred_box") is not None else False for r in b]
+            if any(r.get("pred_box") is None for r in b):  # a results file without the predicted boxes
+                continue
+            hits = [box_centre_in(r["pred_box"], r["gt_box"]) for r in b]
             for subset, keep in (("centre in the GT box", True), ("centre outside", False)):
                 idx = [i for i, h in enumerate(hits) if h == keep]
                 if not idx:

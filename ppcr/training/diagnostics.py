@@ -110,4 +110,3 @@ def ris_val_metrics(model, data: Dataset, batch_size: int = 16, sam_cache=None) 
         figures.update({"box_acc50": m["box_acc@0.5"], "box_iou": m["box_mIoU"],
                         "box_centre_in": m["box_centre_in_gt"], "miou_pred_box_fill": 100.0 * float(np.mean(fill))})
     return figures
-
