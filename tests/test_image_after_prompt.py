@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from ppcr.data.transforms import MIN_COVER, patch_coverage, target_patches
 from ppcr.model import prompts
 from ppcr.model.config import tiny_config
 from ppcr.model.mllm import MultimodalLLM, shared_prefix_length
 from ppcr.model.modeling_ppcr import PPCRModel
 from ppcr.model.tokenizer import encode_pass
 from ppcr.training.stages import MllmPretrainer, synref_tokenizer
-from ppcr.data.transforms import MIN_COVER, patch_coverage, target_patches
 
 
 def test_conversation_order():

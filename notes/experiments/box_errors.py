@@ -26,7 +26,7 @@ def box_error_rows(run_dir: Path, split: str) -> list[dict]:
         dist, w_ratio, h_ratio = [], [], []
         for r in preds:
             (p0, p1, p2, p3), (g0, g1, g2, g3) = r["pred_box"], r["gt_box"]
-            side = max(r["mask_rle"]["size"]) if "mask_rle" in r else 1.0
+            side = max(r["mask_rle"]["size"])  # the image's longer side, in pixels
             dist.append((((p0 + p2 - g0 - g2) / 2) ** 2 + ((p1 + p3 - g1 - g3) / 2) ** 2) ** 0.5 / side)
             w_ratio.append((p2 - p0) / max(g2 - g0, 1e-6))
             h_ratio.append((p3 - p1) / max(g3 - g1, 1e-6))

@@ -105,7 +105,8 @@ STAGE1_KEYS = ("clip_pixel_values", "expression", "attributes", "box", "original
 class WithTargetAttributes(Dataset):
     """Stage 1's view of a referring dataset: the keys of `STAGE1_KEYS`, with the target's SynRef attributes
     (shape, colour, size, pattern) for the "describe" answers. With `grid` (the CLIP patch grid's side) items also
-    carry "target_patches" ((grid*grid,) {0, 1}, `ppcr.data.transforms.target_patches`) for the image-token grounding."""
+    carry "target_patches" ((grid*grid,) {0, 1}, `ppcr.data.transforms.target_patches`) for the image-token
+    grounding."""
 
     def __init__(self, base: ReferSegDataset, grid: int | None = None):
         self.base = base
