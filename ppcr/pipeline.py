@@ -39,6 +39,7 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
     timings["data"] = time.perf_counter() - tic
     evaluated = list(profile.variants) + (["gt_box_oracle"] if "ppcr" in profile.variants else [])
     index: dict[str, dict[str, str]] = {}
+    probes: dict[str, str] = {}
     for seed in profile.seeds:
         for variant in evaluated:
             tic = time.perf_counter()
@@ -54,16 +55,38 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
                                meta={"profile": profile.name, "checkpoint": str(ckpt)})
             timings[f"evaluate/{variant}/seed{seed}"] = time.perf_counter() - tic
             index.setdefault(variant, {})[str(seed)] = str(target.relative_to(out))
+        if "ppcr" in profile.variants and profile.data_kind == "synref":
+            tic = time.perf_counter()
+            probe = run_probe(profile, out, seed, train_variant(profile, out, "ppcr", seed, resume=resume,
+                                                                progress=progress), progress)
+            timings[f"prompt_probe/seed{seed}"] = time.perf_counter() - tic
+            probes[str(seed)] = str(probe.relative_to(out))
     study = {
         "profile": profile.name, "profile_source": profile.source, "preset": profile.preset,
         "profile_config": profile.to_dict(), "git_commit": git_commit(), "seeds": profile.seeds,
-        "variants": evaluated, "results": index, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "variants": evaluated, "results": index, "prompt_probe": probes, "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "wall_s": round(time.perf_counter() - t0, 2), "stages": stage_summaries(out),
         "command": " ".join(sys.argv),
     }
     (out / "study.json").write_text(json.dumps(study, indent=2, default=str))
     write_benchmarks(out, study)
     return study
+
+
+def run_probe(profile: Profile, out: Path, seed: int, checkpoint: Path, progress: bool = True) -> Path:
+    """`results/prompt_probe/seed<k>.json`: how much of the box ppcr's P_seg_txt holds (ppcr.training.prompt_probe),
+    on the expressions of its results files; reused while the checkpoint is unchanged."""
+    from ppcr.training.evaluate import load_for_evaluation
+    from ppcr.training.prompt_probe import run_prompt_probe
+    from ppcr.training.stages import data_root
+
+    target = out / "results" / "prompt_probe" / f"seed{seed}.json"
+    if not _is_current(target, checkpoint):
+        model = load_for_evaluation(checkpoint, "ppcr", profile.device)
+        run_prompt_probe(model, data_root(profile, out), profile.datasets, target,
+                         max_expressions=profile.eval_max_expressions, batch_size=profile.eval_batch_size,
+                         seed=seed, meta={"checkpoint": str(checkpoint)}, progress=progress)
+    return target
 
 
 def write_benchmarks(out: Path, study: dict[str, Any]) -> Path:

@@ -164,6 +164,28 @@ def test_box_conditional_gains(study: report.Study) -> None:
             assert r["ci_low"] <= r["ci_high"]
 
 
+def test_prompt_probe_table(smoke_run: Path, study: report.Study) -> None:
+    index = json.loads((smoke_run / "study.json").read_text())
+    assert set(index["prompt_probe"]) == {str(s) for s in study.seeds}
+    probes = study.prompt_probe()
+    table = report.prompt_probe_table(study)
+    val_keys = [k for k in study.keys if k.endswith("/val")]
+    assert val_keys and {r["split"] for r in table.rows} == set(val_keys)
+    for key in val_keys:
+        rows = {r["reader"]: r for r in table.rows if r["split"] == key}
+        probe = rows["MLP probe on P_seg_txt alone"]
+        expected = [probes[s]["splits"][key]["box_iou"] for s in study.seeds]
+        assert math.isclose(probe["box_iou"].mean, sum(expected) / len(expected))
+        assert all(probes[s]["splits"][key]["n"] == len(study.rows("ppcr", key, s)) for s in study.seeds)
+        own = rows["ppcr: branch B reads the soft token, F_Map the box"]
+        seed = study.seeds[0]
+        ppcr_rows = study.rows("ppcr", key, seed)
+        centre = 100 * sum(box_centre_in(r["pred_box"], r["gt_box"]) for r in ppcr_rows) / len(ppcr_rows)
+        if own["seeds"] == 1:
+            assert math.isclose(own["box_centre_in_gt"].mean, centre)
+            assert math.isclose(own["box_iou"].mean, 100 * sum(r["box_iou"] for r in ppcr_rows) / len(ppcr_rows))
+
+
 def test_claim_verdicts() -> None:
     assert report.claim_verdict("greater", 0.5, 2.0) == "supported"
     assert report.claim_verdict("greater", -2.0, -0.1) == "contradicted"

@@ -288,14 +288,9 @@ class PPCRModel(nn.Module):
 
         Returns image_features (N, N_img, d), sam_embeddings (N, C, s, s), image_index (B,).
         """
-        keys = list(batch["image_key"])
-        unique: dict[str, int] = {}
-        for k in keys:
-            unique.setdefault(k, len(unique))
-        first = [keys.index(k) for k in unique]
-        image_index = torch.tensor([unique[k] for k in keys], dtype=torch.long, device=self.device)
-        clip = batch["clip_pixel_values"][first].to(self.device)
-        image_features = self.mllm.image_features(clip)
+        image_features, image_index = self.clip_features(batch)
+        unique = _distinct_images(batch)
+        first = list(unique.values())
         sam_emb: list[torch.Tensor | None] = [sam_cache.get(k) if sam_cache is not None else None for k in unique]
         todo = [i for i, e in enumerate(sam_emb) if e is None]
         if todo:
@@ -307,6 +302,14 @@ class PPCRModel(nn.Module):
                     sam_cache[list(unique)[i]] = fresh[j].detach()
         sam_embeddings = torch.stack([e.to(self.device) for e in sam_emb])  # type: ignore[union-attr]
         return image_features, sam_embeddings, image_index
+
+    def clip_features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP features once per distinct image of the batch: (N, N_img, d) and the image of each row, (B,)."""
+        unique = _distinct_images(batch)
+        position = {k: i for i, k in enumerate(unique)}
+        image_index = torch.tensor([position[k] for k in batch["image_key"]], dtype=torch.long, device=self.device)
+        clip = batch["clip_pixel_values"][list(unique.values())].to(self.device)
+        return self.mllm.image_features(clip), image_index
 
     def forward(self, batch: dict[str, Any], rng: random.Random | None = None,
                 sam_cache: MutableMapping[str, torch.Tensor] | None = None,
@@ -416,6 +419,14 @@ class PPCRModel(nn.Module):
         from ppcr.model.persistence import load_model
 
         return load_model(directory, **config_overrides)
+
+
+def _distinct_images(batch: dict[str, Any]) -> dict[str, int]:
+    """image key -> the first row of the batch showing that image, in order of first appearance."""
+    first: dict[str, int] = {}
+    for row, key in enumerate(batch["image_key"]):
+        first.setdefault(key, row)
+    return first
 
 
 def _stack_boxes(boxes: Any) -> torch.Tensor:

@@ -8,8 +8,8 @@ from typing import Any
 from ppcr.metrics import box_centre_in, paired_bootstrap
 from ppcr.model.config import VARIANTS
 from ppcr.report.study import Study
-from ppcr.report.tables import (SYNREF_OF, TABLE2_VARIANTS, TABLE3_VARIANTS, Column, Table, cell, paper_tables,
-                                reproduced_caption)
+from ppcr.report.tables import (SYNREF_OF, TABLE2_VARIANTS, TABLE3_VARIANTS, Column, MeanStd, Table, cell,
+                                paper_tables, reproduced_caption)
 
 
 def seed_summary(study: Study, metrics: tuple[str, ...] = ("oIoU", "mIoU", "P@0.5", "box_acc@0.5")) -> Table:
@@ -152,6 +152,61 @@ def box_conditional_gains(study: Study, baseline: str = "glamm", variants: tuple
                  "candidate's own box, so they are not random samples (the expressions it grounds may be the easier "
                  "ones, for the baseline too): they show what the box adds where it is right and costs where it is "
                  "wrong, not what a better box would give, which is the oracle's row. " + reproduced_caption(study)),
+    )
+
+
+def _box_row_figures(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Box IoU, accuracy@0.5 and centre-in-GT (%) of a results file's rows (None without predicted boxes)."""
+    if not rows or any(r.get("pred_box") is None for r in rows):
+        return None
+    ious = [r["box_iou"] for r in rows]
+    return {"box_iou": 100.0 * statistics.fmean(ious),
+            "box_acc50": 100.0 * statistics.fmean(float(v >= 0.5) for v in ious),
+            "box_centre_in_gt": 100.0 * statistics.fmean(float(box_centre_in(r["pred_box"], r["gt_box"]))
+                                                          for r in rows)}
+
+
+def _mean_std(values: list[float]) -> MeanStd:
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return MeanStd(float(statistics.fmean(values)), float(std), len(values))
+
+
+PROBE_READERS = (("ppcr", "ppcr: branch B reads the soft token, F_Map the box"),
+                 ("spatial_re", "spatial_re: branch B reads the expression"))
+
+
+def prompt_probe_table(study: Study) -> Table:
+    """Per val split: the box an MLP probe reads off ppcr's P_seg_txt alone (`ppcr.training.prompt_probe`) beside
+    the boxes of ppcr and spatial_re on the same expressions; mean (std) over the seeds that have a probe."""
+    probes = study.prompt_probe()
+    rows = []
+    keys = [k for k in study.keys if any(k in p["splits"] for p in probes.values())]
+    for key in keys:
+        seeds = [s for s in sorted(probes) if key in probes[s]["splits"]]
+        readers = [("MLP probe on P_seg_txt alone", [probes[s]["splits"][key] for s in seeds])]
+        for variant, label in PROBE_READERS:
+            figures = [f for s in seeds if (f := _box_row_figures(study.rows(variant, key, s))) is not None]
+            if figures:
+                readers.append((label, figures))
+        for label, figures in readers:
+            rows.append({"split": key, "reader": label, "seeds": len(figures),
+                         **{m: _mean_std([f[m] for f in figures]) for m in ("box_iou", "box_acc50",
+                                                                           "box_centre_in_gt")}})
+    train = sorted({p["meta"].get("train_expressions") for p in probes.values()} - {None})
+    return Table(
+        title="How much of the box the semantic prompt holds",
+        columns=[Column("split", "dataset/split"), Column("reader", "box read by"), Column("seeds", "seeds"),
+                 Column("box_iou", "box IoU (%)"), Column("box_acc50", "box acc@0.5 (%)"),
+                 Column("box_centre_in_gt", "centre in GT box (%)")],
+        rows=rows,
+        caption=("The probe: an MLP of F_Map's shape fitted by L1 on the P_seg_txt of "
+                 f"{', '.join(map(str, train)) or '?'} train expressions of the trained ppcr model (frozen; no LLM in "
+                 "between), scored on the val expressions of the results files; the other rows are the models' own "
+                 "boxes on the same expressions. The probe is a reference, not a bound: it shows what a small reader "
+                 "of P_seg_txt alone gets from this much training data. Where ppcr's box is below it, branch B has not "
+                 "learned to read all that P_seg_txt holds; where both are low, P_seg_txt does not say where the "
+                 "object is. "
+                 + reproduced_caption(study)),
     )
 
 

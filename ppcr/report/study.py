@@ -71,6 +71,16 @@ class Study:
     def rows(self, variant: str, key: str, seed: int) -> list[dict[str, Any]]:
         return self.results.get(variant, {}).get(seed, {}).get("rows", {}).get(key, [])
 
+    def prompt_probe(self) -> dict[int, dict[str, Any]]:
+        """seed -> the results of `ppcr.training.prompt_probe` for that seed's ppcr (empty for a study without)."""
+        keep = self.seeds
+        out = {}
+        for seed_text, rel in self.index.get("prompt_probe", {}).items():
+            path = self.run_dir / rel
+            if int(seed_text) in keep and path.is_file():
+                out[int(seed_text)] = json.loads(path.read_text())
+        return out
+
     def checkpoint(self, variant: str, seed: int | None = None) -> str | None:
         by_seed = self.results.get(variant, {})
         seed = min(by_seed) if seed is None and by_seed else seed
