@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,11 @@ def results_path(out: Path, variant: str, seed: int) -> Path:
 
 
 def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Train (cached) and evaluate every variant of the profile for every seed; the oracle from `ppcr`."""
-    from ppcr.training.evaluate import evaluate_model, git_commit, load_for_evaluation
-    from ppcr.training.stages import data_root, prepare_data, sam_cache_for, stage_summaries, train_variant
+    """Train (cached) and evaluate every variant of the profile for every seed; the oracle from `ppcr`.
+
+    With `profile.seed_workers` > 1 the seeds run in that many processes at once (`_study_seed` in each)."""
+    from ppcr.training.evaluate import git_commit
+    from ppcr.training.stages import prepare_data, stage_summaries
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -37,34 +42,29 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
     tic = time.perf_counter()
     prepare_data(profile, out, progress)
     timings["data"] = time.perf_counter() - tic
-    evaluated = list(profile.variants) + (["gt_box_oracle"] if "ppcr" in profile.variants else [])
+    evaluated = _evaluated(profile)
+    workers = min(profile.seed_workers, len(profile.seeds))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_set_threads,
+                                 initargs=(threads,)) as pool:
+            jobs = [pool.submit(_study_seed, profile, out, seed, resume, progress) for seed in profile.seeds]
+            parts = [job.result() for job in jobs]
+    else:
+        parts = [_study_seed(profile, out, seed, resume, progress) for seed in profile.seeds]
     index: dict[str, dict[str, str]] = {}
     probes: dict[str, str] = {}
-    for seed in profile.seeds:
-        for variant in evaluated:
-            tic = time.perf_counter()
-            ckpt = train_variant(profile, out, variant, seed, resume=resume, progress=progress)
-            timings[f"train/{variant}/seed{seed}"] = time.perf_counter() - tic
-            target = results_path(out, variant, seed)
-            tic = time.perf_counter()
-            if not _is_current(target, ckpt):
-                model = load_for_evaluation(ckpt, variant, profile.device)
-                evaluate_model(model, data_root(profile, out), profile.datasets, target,
-                               batch_size=profile.eval_batch_size, max_expressions=profile.eval_max_expressions,
-                               sam_cache=sam_cache_for(model, out), progress=progress,
-                               meta={"profile": profile.name, "checkpoint": str(ckpt)})
-            timings[f"evaluate/{variant}/seed{seed}"] = time.perf_counter() - tic
-            index.setdefault(variant, {})[str(seed)] = str(target.relative_to(out))
-        if "ppcr" in profile.variants and profile.data_kind == "synref":
-            tic = time.perf_counter()
-            probe = run_probe(profile, out, seed, train_variant(profile, out, "ppcr", seed, resume=resume,
-                                                                progress=progress), progress)
-            timings[f"prompt_probe/seed{seed}"] = time.perf_counter() - tic
-            probes[str(seed)] = str(probe.relative_to(out))
+    for seed, part in zip(profile.seeds, parts):
+        for variant, rel in part["results"].items():
+            index.setdefault(variant, {})[str(seed)] = rel
+        if part["prompt_probe"] is not None:
+            probes[str(seed)] = part["prompt_probe"]
+        timings.update(part["timings_s"])
     study = {
         "profile": profile.name, "profile_source": profile.source, "preset": profile.preset,
         "profile_config": profile.to_dict(), "git_commit": git_commit(), "seeds": profile.seeds,
-        "variants": evaluated, "results": index, "prompt_probe": probes, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "variants": evaluated, "results": index, "prompt_probe": probes, "seed_workers": workers,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "wall_s": round(time.perf_counter() - t0, 2), "stages": stage_summaries(out),
         "command": " ".join(sys.argv),
     }
@@ -73,15 +73,59 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
     return study
 
 
+def _evaluated(profile: Profile) -> list[str]:
+    """The variants a study evaluates: the profile's, and the GT-box oracle (ppcr's checkpoint) with ppcr."""
+    return list(profile.variants) + (["gt_box_oracle"] if "ppcr" in profile.variants else [])
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: bool) -> dict[str, Any]:
+    """One seed of the study: every variant trained (cached) and evaluated, then the P_seg_txt probe. Returns the
+    results files (relative to `out`), the probe's file and the wall time of each step."""
+    from ppcr.training.evaluate import evaluate_model, load_for_evaluation
+    from ppcr.training.stages import data_root, sam_cache_for, train_variant
+
+    results: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for variant in _evaluated(profile):
+        tic = time.perf_counter()
+        ckpt = train_variant(profile, out, variant, seed, resume=resume, progress=progress)
+        timings[f"train/{variant}/seed{seed}"] = time.perf_counter() - tic
+        target = results_path(out, variant, seed)
+        tic = time.perf_counter()
+        if not _is_current(target, ckpt):
+            model = load_for_evaluation(ckpt, variant, profile.device)
+            evaluate_model(model, data_root(profile, out), profile.datasets, target,
+                           batch_size=profile.eval_batch_size, max_expressions=profile.eval_max_expressions,
+                           sam_cache=sam_cache_for(model, out), progress=progress,
+                           meta={"profile": profile.name, "checkpoint": str(ckpt)})
+        timings[f"evaluate/{variant}/seed{seed}"] = time.perf_counter() - tic
+        results[variant] = str(target.relative_to(out))
+    probe = None
+    if "ppcr" in profile.variants and profile.data_kind == "synref":
+        tic = time.perf_counter()
+        ckpt = train_variant(profile, out, "ppcr", seed, resume=resume, progress=progress)
+        probe = str(run_probe(profile, out, seed, ckpt, progress).relative_to(out))
+        timings[f"prompt_probe/seed{seed}"] = time.perf_counter() - tic
+    return {"results": results, "prompt_probe": probe, "timings_s": timings}
+
+
 def run_probe(profile: Profile, out: Path, seed: int, checkpoint: Path, progress: bool = True) -> Path:
     """`results/prompt_probe/seed<k>.json`: how much of the box ppcr's P_seg_txt holds (ppcr.training.prompt_probe),
     on the expressions of its results files; reused while the checkpoint is unchanged."""
     from ppcr.training.evaluate import load_for_evaluation
-    from ppcr.training.prompt_probe import run_prompt_probe
+    from ppcr.training.prompt_probe import PROBE_VERSION, run_prompt_probe
     from ppcr.training.stages import data_root
 
     target = out / "results" / "prompt_probe" / f"seed{seed}.json"
-    if not _is_current(target, checkpoint):
+    current = _is_current(target, checkpoint) and \
+        json.loads(target.read_text())["meta"].get("version") == PROBE_VERSION
+    if not current:
         model = load_for_evaluation(checkpoint, "ppcr", profile.device)
         run_prompt_probe(model, data_root(profile, out), profile.datasets, target,
                          max_expressions=profile.eval_max_expressions, batch_size=profile.eval_batch_size,

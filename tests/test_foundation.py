@@ -249,3 +249,44 @@ def test_stage1_dense_probe_regresses_the_box_from_every_where_answer_position()
     assert patch is not None and patch.abs().sum() > 0
     with pytest.raises(ValueError, match="probe_positions"):
         MllmPretrainer(tiny, synref_tokenizer(), probe_positions="middle")
+
+
+def test_stage1_probe_describe_reads_the_describe_answers_too():
+    """probe_describe: the dense probe's L1 covers every answer position of the "describe" rows as well, and the
+    diagnostics read the probe at the describe answer's [SEG] slot (the position predicting "a")."""
+    import random
+
+    from ppcr.training.stages import MllmPretrainer, normalised_boxes, synref_tokenizer
+
+    tiny = preset_config("tiny")
+    torch.manual_seed(0)
+    module = MllmPretrainer(tiny, synref_tokenizer(), probe_weight=5.0, probe_positions="all", probe_giou=False,
+                            probe_describe=True)
+    batch = {"clip_pixel_values": torch.randn(4, 3, tiny.vision.image_size, tiny.vision.image_size),
+             "expression": ["the red circle", "the blue square", "the big star", "the green ring"],
+             "attributes": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"},
+                            {"size": "large", "shape": "star"}, {"color": "green", "shape": "ring"}],
+             "box": [torch.tensor([4.0, 8.0, 20.0, 30.0]), torch.tensor([30.0, 2.0, 60.0, 20.0])] * 2,
+             "original_size": [(64, 64)] * 4}
+    tasks = ["where", "describe", "where", "describe"]
+
+    class Fixed(random.Random):
+        def __init__(self):
+            super().__init__(0)
+            self.left = list(tasks)
+
+        def choice(self, seq):
+            return self.left.pop(0) if "where" in seq and self.left else super().choice(seq)
+
+    losses = module(batch, Fixed())
+    sequence, enc = module.sequence_hidden(batch, tasks, Fixed())
+    hidden, targets = module.answer_positions(sequence, enc)
+    gt = normalised_boxes(batch, [True] * 4)
+    every = (module.box_probe(hidden) - gt[:, None]).abs().mean(-1)[targets != -100].mean()
+    torch.testing.assert_close(losses["total"], losses["ce"] + 5.0 * every)
+    module.eval()
+    data = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    figures = module.val_metrics(data, batch_size=4)
+    assert 0.0 <= figures["seg_slot_probe_box_iou"] <= 100.0
+    with pytest.raises(ValueError, match="probe_describe"):
+        MllmPretrainer(tiny, synref_tokenizer(), probe_positions="first", probe_describe=True)

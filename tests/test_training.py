@@ -212,3 +212,28 @@ def test_cli_help_and_bad_arguments(capsys):
     assert "--out" in capsys.readouterr().err
     assert cli_main(["train", "--profile", "nope", "--variant", "ppcr"]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
+def test_seeds_in_parallel_processes_give_the_sequential_results(tmp_path):
+    """`seed_workers: 2` runs each seed of the study in its own process (one thread each on this 2-core machine);
+    the results files are those of the same study run seed after seed with one thread."""
+    from ppcr.pipeline import run_study
+    from ppcr.training.profile import load_profile
+
+    small = {"seeds": [0, 1], "variants": ["glamm", "ppcr"]}
+    parallel = run_study(load_profile("smoke", {**small, "seed_workers": 2}), tmp_path / "parallel", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sequential = run_study(load_profile("smoke", small), tmp_path / "sequential", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert parallel["seed_workers"] == 2 and sequential["seed_workers"] == 1
+    assert parallel["results"] == sequential["results"] and set(parallel["prompt_probe"]) == {"0", "1"}
+    for variant, by_seed in parallel["results"].items():
+        for rel in by_seed.values():
+            a = json.loads((tmp_path / "parallel" / rel).read_text())
+            b = json.loads((tmp_path / "sequential" / rel).read_text())
+            assert a["metrics"] == b["metrics"], (variant, rel)
+            assert [r["iou"] for rows in a["rows"].values() for r in rows] == \
+                [r["iou"] for rows in b["rows"].values() for r in rows]

@@ -19,7 +19,7 @@ from ppcr.model.config import VARIANTS, PPCRConfig, preset_config
 
 PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation", "foundation_continue", "foundation_continue2",
                  "foundation_dense", "foundation_ground", "foundation_ground_continue",
-                 "foundation_ground_continue2")
+                 "foundation_ground_continue2", "foundation_ground_describe")
 
 
 @dataclass
@@ -50,6 +50,9 @@ class StageSpec:
     probe_positions: str = "first"
     probe_weight: float = 1.0
     probe_giou: bool = True
+    # stage 1, with probe_positions "all": the probe also reads every answer position of the "describe" answers
+    # (the answers to the semantic templates), so the position stage 2 reads [SEG] from learns where the object is
+    probe_describe: bool = False
     # stages 0-1: start from random weights ("scratch") or from the shipped foundation's ("shipped"; no steps: keep it)
     init: str = "scratch"
     # stage 1: keep the CLIP tower frozen (as LLaVA's own stage 1 does), e.g. after the `vision_pretrain` stage
@@ -94,6 +97,10 @@ class Profile:
     foundation: str = "train"  # stages 0-1: "train" them in the run, or start from the "shipped" weights
     device: str = "auto"
     num_workers: int = 0
+    # the study trains and evaluates this many seeds at once, each in its own process; on a CPU each gets
+    # cpu_count // seed_workers threads (two 1-thread processes train the demo's stage 3 about a third faster than
+    # one 2-thread process: its steps are many small ops)
+    seed_workers: int = 1
     source: str = ""  # where the profile was read from
 
     # ------------------------------------------------------------------------------------------------------
@@ -146,6 +153,8 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
             raise ValueError(f"profile {profile.name}: stage {stage_name} probe_positions must be 'first' or 'all'")
         if spec.init not in ("scratch", "shipped"):
             raise ValueError(f"profile {profile.name}: stage {stage_name} init must be 'scratch' or 'shipped'")
+    if profile.seed_workers < 1:
+        raise ValueError(f"profile {profile.name}: seed_workers must be at least 1, not {profile.seed_workers}")
     if profile.foundation not in ("train", "shipped"):
         raise ValueError(f"profile {profile.name}: foundation must be 'train' or 'shipped', not {profile.foundation!r}")
     if profile.foundation == "shipped" and (profile.preset != "small" or profile.data_kind != "synref"):

@@ -382,10 +382,13 @@ class MllmPretrainer(nn.Module):
     """
 
     def __init__(self, config: PPCRConfig, tokenizer, probe_weight: float = 1.0, probe_positions: str = "first",
-                 probe_giou: bool = True, image_grounding: float = 0.0):
+                 probe_giou: bool = True, image_grounding: float = 0.0, probe_describe: bool = False):
         super().__init__()
         if probe_positions not in ("first", "all"):
             raise ValueError(f"probe_positions must be 'first' or 'all', not {probe_positions!r}")
+        if probe_describe and probe_positions != "all":
+            raise ValueError("probe_describe reads every answer position: it needs probe_positions='all'")
+        self.probe_describe = probe_describe
         if image_grounding > 0 and not config.image_after_prompt:
             raise ValueError("image_grounding needs image_after_prompt: with the image before the question, the "
                              "image tokens cannot see the expression they are to match")
@@ -491,8 +494,10 @@ class MllmPretrainer(nn.Module):
         l1 = torch.nn.functional.l1_loss(pred, gt)
         giou = generalized_box_iou_loss(_ordered(pred), gt, reduction="mean")
         if self.probe_positions == "all":  # the box from every answer position of the "where" rows: (n, A, 4)
-            valid = targets[where] != -100
-            every = (self.box_probe(hidden[where].float()) - gt[:, None]).abs().mean(-1)  # (n, A)
+            rows = torch.ones_like(where) if self.probe_describe else where  # and of the "describe" rows
+            valid = targets[rows] != -100
+            gt_rows = normalised_boxes(batch, rows.tolist()).to(pred.device)
+            every = (self.box_probe(hidden[rows].float()) - gt_rows[:, None]).abs().mean(-1)  # (n, A)
             probe = every[valid].mean()
         else:
             probe = l1
@@ -502,10 +507,14 @@ class MllmPretrainer(nn.Module):
     @torch.no_grad()
     def val_metrics(self, data: Dataset, batch_size: int = 16) -> dict[str, float]:
         """Answer-token accuracy (%) of "describe" and "where" questions, and the box read off the "where"
-        answer's four bins (teacher-forced, bin centres): mean IoU and accuracy@0.5 against the target's box."""
+        answer's four bins (teacher-forced, bin centres): mean IoU and accuracy@0.5 against the target's box.
+        Also the probe's box read at the "describe" answer's position that predicts "a" in "Sure, it is a ...", the
+        place of [SEG] in stage 2's semantic answer "Sure, it is [SEG]." (how much of the box stage 2 starts with)."""
         correct = {"describe": [0, 0], "where": [0, 0]}
         box_ious: list[float] = []
         probe_ious: list[float] = []
+        seg_ious: list[float] = []
+        article = self.tokenizer.convert_tokens_to_ids("a")
         hits: list[float] = []
         for batch in batches(data, batch_size):
             for task in ("describe", "where"):
@@ -514,10 +523,14 @@ class MllmPretrainer(nn.Module):
                 if self.grounding_head is not None and task == "where":
                     hits.append(float(self.image_grounding_loss(sequence, enc, batch)[1]) * len(targets))
                 logits = self.llava.get_output_embeddings()(hidden)
+                gt = normalised_boxes(batch, [True] * len(targets))
                 if task == "where":
                     probe = _ordered(self.probe_boxes(hidden, targets)).cpu()
-                    gt = normalised_boxes(batch, [True] * len(probe))
                     probe_ious += [box_iou(p.tolist(), g.tolist()) for p, g in zip(probe, gt)]
+                else:  # the position predicting the answer's first "a" (the [SEG] slot of stage 2)
+                    at = (targets == article).float().argmax(1)
+                    seg = _ordered(self.box_probe(hidden[torch.arange(len(at)), at].float())).cpu()
+                    seg_ious += [box_iou(p.tolist(), g.tolist()) for p, g in zip(seg, gt)]
                 pred = logits.argmax(-1)
                 valid = targets != -100
                 correct[task][0] += int(((pred == targets) & valid).sum())
@@ -536,6 +549,7 @@ class MllmPretrainer(nn.Module):
                 "where_box_acc50": 100.0 * float(np.mean(np.asarray(box_ious) >= 0.5)),
                 "probe_box_iou": 100.0 * float(np.mean(probe_ious)),
                 "probe_box_acc50": 100.0 * float(np.mean(np.asarray(probe_ious) >= 0.5)),
+                "seg_slot_probe_box_iou": 100.0 * float(np.mean(seg_ious)),
                 **({"grounding_hit": 100.0 * sum(hits) / len(probe_ious)} if hits else {})}
 
 
@@ -643,7 +657,7 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     torch.manual_seed(seed)
     tokenizer = synref_tokenizer()
     module = MllmPretrainer(config, tokenizer, spec.probe_weight, spec.probe_positions, spec.probe_giou,
-                            spec.image_grounding)
+                            spec.image_grounding, spec.probe_describe)
     if spec.init == "shipped":  # continue the shipped foundation's LLaVA (the probe starts fresh)
         load_shipped_llava(module, config)
     if tower is not None:
