@@ -741,7 +741,7 @@ def evaluate_foundation(profile: Profile, out: Path, seed: int, weights: dict[st
     val = val_subset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep, "val")],
                      profile.diag_expressions or 48)
     answers = mllm.eval().val_metrics(val, profile.eval_batch_size)
-    figures.update({f"mllm/{k}": v for k, v in answers.items() if not k.startswith("probe")})  # probe not shipped
+    figures.update({f"mllm/{k}": v for k, v in answers.items() if "probe" not in k})  # probe not shipped
     info = {"final_eval": figures, "weights": local, "foundation": profile.foundation}
     (stage / "DONE.json").write_text(json.dumps(info, indent=2))
     return info
