@@ -98,8 +98,8 @@ class Profile:
     device: str = "auto"
     num_workers: int = 0
     # the study trains and evaluates this many seeds at once, each in its own process; on a CPU each gets
-    # cpu_count // seed_workers threads (two 1-thread processes train the demo's stage 3 about a third faster than
-    # one 2-thread process: its steps are many small ops)
+    # cpu_count // seed_workers threads (two 1-thread processes ran 1.2-1.5 times the stage-3 steps per second of one
+    # 2-thread process: its steps are many small ops; notes/learning.md)
     seed_workers: int = 1
     source: str = ""  # where the profile was read from
 

@@ -373,6 +373,8 @@ class MllmPretrainer(nn.Module):
     gave a box IoU of 0 (every bin the most frequent one), while the dense regression gradient reaches the image
     tokens from the first steps. Only the LLaVA is kept; stage 3's F_Map starts fresh, as in the paper. The
     probe's box is the stage-1 analogue of P_seg_box -> F_Map: a hidden state at the answer's box position.
+    `probe_describe` (with `probe_positions="all"`) puts the probe on the "describe" answers' positions too, the
+    stage-1 analogue of the [SEG] slot, so that P_seg_txt can start with the object's place.
 
     `image_grounding` > 0 adds a second dense signal (needs `config.image_after_prompt`, so the image tokens see
     the question): a linear head on every image token's last hidden state, softmaxed over the image's tokens, must
