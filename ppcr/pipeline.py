@@ -92,9 +92,10 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
 
     results: dict[str, str] = {}
     timings: dict[str, float] = {}
+    checkpoints: dict[str, Path] = {}
     for variant in _evaluated(profile):
         tic = time.perf_counter()
-        ckpt = train_variant(profile, out, variant, seed, resume=resume, progress=progress)
+        ckpt = checkpoints[variant] = train_variant(profile, out, variant, seed, resume=resume, progress=progress)
         timings[f"train/{variant}/seed{seed}"] = time.perf_counter() - tic
         target = results_path(out, variant, seed)
         tic = time.perf_counter()
@@ -109,8 +110,7 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
     probe = None
     if "ppcr" in profile.variants and profile.data_kind == "synref":
         tic = time.perf_counter()
-        ckpt = train_variant(profile, out, "ppcr", seed, resume=resume, progress=progress)
-        probe = str(run_probe(profile, out, seed, ckpt, progress).relative_to(out))
+        probe = str(run_probe(profile, out, seed, checkpoints["ppcr"], progress).relative_to(out))
         timings[f"prompt_probe/seed{seed}"] = time.perf_counter() - tic
     return {"results": results, "prompt_probe": probe, "timings_s": timings}
 

@@ -8,7 +8,7 @@ from typing import Any
 from ppcr.metrics import box_centre_in, paired_bootstrap
 from ppcr.model.config import VARIANTS
 from ppcr.report.study import Study
-from ppcr.report.tables import (SYNREF_OF, TABLE2_VARIANTS, TABLE3_VARIANTS, Column, MeanStd, Table, cell,
+from ppcr.report.tables import (SYNREF_OF, TABLE2_VARIANTS, TABLE3_VARIANTS, Column, Table, cell, mean_std,
                                 paper_tables, reproduced_caption)
 
 
@@ -166,11 +166,6 @@ def _box_row_figures(rows: list[dict[str, Any]]) -> dict[str, float] | None:
                                                           for r in rows)}
 
 
-def _mean_std(values: list[float]) -> MeanStd:
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return MeanStd(float(statistics.fmean(values)), float(std), len(values))
-
-
 PROBE_READERS = (("ppcr", "ppcr: branch B reads the soft token, F_Map the box"),
                  ("spatial_re", "spatial_re: branch B reads the expression"))
 
@@ -190,7 +185,7 @@ def prompt_probe_table(study: Study) -> Table:
                 readers.append((label, figures))
         for label, figures in readers:
             rows.append({"split": key, "reader": label, "seeds": len(figures),
-                         **{m: _mean_std([f[m] for f in figures]) for m in ("box_iou", "box_acc50",
+                         **{m: mean_std([f[m] for f in figures]) for m in ("box_iou", "box_acc50",
                                                                            "box_centre_in_gt")}})
     train = sorted({p["meta"].get("train_expressions") for p in probes.values()} - {None})
     return Table(

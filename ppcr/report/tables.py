@@ -204,14 +204,17 @@ def _columns(study: Study, lead: list[Column]) -> list[Column]:
     return cols
 
 
+def mean_std(values: list[float]) -> MeanStd:
+    """Mean and sample std (nan for one value) of a non-empty list: one reproduced cell over seeds."""
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return MeanStd(float(statistics.fmean(values)), float(std), len(values))
+
+
 def cell(study: Study, variant: str, key: str, metric: str) -> MeanStd | None:
     """Mean and std over the study's seeds of one metric of one variant on one "dataset/split"."""
     values = [res["metrics"][key][metric] for res in study.results.get(variant, {}).values()
               if key in res.get("metrics", {}) and metric in res["metrics"][key]]
-    if not values:
-        return None
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return MeanStd(float(statistics.fmean(values)), float(std), len(values))
+    return mean_std(values) if values else None
 
 
 def scale_text(study: Study) -> str:
@@ -373,10 +376,7 @@ def fill_pred_cell(study: Study, variant: str, key: str, metric: str) -> MeanStd
     """mIoU or oIoU (%) of filling `variant`'s own predicted box, mean and std over the study's seeds."""
     values = [v for seed in sorted(study.results.get(variant, {}))
               if (v := _fill_figure(study.rows(variant, key, seed), "pred", metric)) is not None]
-    if not values:
-        return None
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return MeanStd(float(statistics.fmean(values)), float(std), len(values))
+    return mean_std(values) if values else None
 
 
 def sanity_rows(study: Study, variants: list[str], lead: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -492,14 +492,14 @@ class MllmPretrainer(nn.Module):
             zero = ce.new_zeros(())
             return {"total": ce_total, "ce": ce, "probe_l1": zero, "probe_giou": zero, **grounding}
         pred = self.probe_boxes(hidden[where], targets[where])
-        gt = normalised_boxes(batch, where.tolist()).to(pred.device)
+        boxes = normalised_boxes(batch, [True] * len(tasks)).to(pred.device)  # (B, 4)
+        gt = boxes[where]
         l1 = torch.nn.functional.l1_loss(pred, gt)
         giou = generalized_box_iou_loss(_ordered(pred), gt, reduction="mean")
         if self.probe_positions == "all":  # the box from every answer position of the "where" rows: (n, A, 4)
             rows = torch.ones_like(where) if self.probe_describe else where  # and of the "describe" rows
             valid = targets[rows] != -100
-            gt_rows = normalised_boxes(batch, rows.tolist()).to(pred.device)
-            every = (self.box_probe(hidden[rows].float()) - gt_rows[:, None]).abs().mean(-1)  # (n, A)
+            every = (self.box_probe(hidden[rows].float()) - boxes[rows][:, None]).abs().mean(-1)  # (n, A)
             probe = every[valid].mean()
         else:
             probe = l1
