@@ -141,7 +141,7 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     its steps on top (`foundation_continue`); with no steps, the shipped file is kept as it is. The new manifest
     records the foundation it continued (`continued_from`), so the lineage of the files stays readable."""
     from ppcr.data.synref import GENERATOR_VERSION
-    from ppcr.training.evaluate import device_name, git_commit
+    from ppcr.training.evaluate import device_name, git_commit, resolve_device
     from ppcr.training.profile import load_profile
     from ppcr.training.stages import prepare_data, run_mllm_pretrain, run_sam_pretrain
 
@@ -206,7 +206,7 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "git_commit": git_commit(), "profile": profile_name,
         "profile_config": profile.to_dict(), "synref_generator_version": GENERATOR_VERSION,
         "config_signature": config_signature(config), "stages": stages,
-        "device": device_name(torch.device(profile.device if profile.device != "auto" else "cpu")),
+        "device": device_name(torch.device(resolve_device(profile.device))),
         "torch": torch.__version__, "python": platform.python_version(),
         "wall_s": round(sum((st["wall_s"] or 0.0) + _own_vision_wall(st)
                             for n, st in stages.items() if not st.get("kept_from_previous")), 1),
