@@ -290,3 +290,18 @@ def test_stage1_probe_describe_reads_the_describe_answers_too():
     assert 0.0 <= figures["seg_slot_probe_box_iou"] <= 100.0
     with pytest.raises(ValueError, match="probe_describe"):
         MllmPretrainer(tiny, synref_tokenizer(), probe_positions="first", probe_describe=True)
+
+
+def test_normalised_boxes_take_boxes_on_any_device_and_return_them_on_the_cpu():
+    """The training loop moves a batch's tensors to the device; the image sizes stay Python ints. The first GPU run
+    (notes/gpu) failed here on a CUDA box divided by a CPU tensor, so the boxes are brought to the CPU first."""
+    from ppcr.training.stages import normalised_boxes
+
+    batch = {"box": [torch.tensor([4.0, 8.0, 20.0, 30.0]), [0, 0, 32, 16], torch.tensor([1.0, 1.0, 2.0, 2.0])],
+             "original_size": [(40, 80), (16, 32), (4, 4)]}
+    out = normalised_boxes(batch, [True, True, False])
+    torch.testing.assert_close(out, torch.tensor([[0.05, 0.2, 0.25, 0.75], [0.0, 0.0, 1.0, 1.0]]))
+    assert out.device.type == "cpu"
+    if torch.cuda.is_available():  # the failing case itself, on a machine with a GPU
+        batch["box"] = [b.cuda() if torch.is_tensor(b) else b for b in batch["box"]]
+        torch.testing.assert_close(normalised_boxes(batch, [True, True, False]), out)

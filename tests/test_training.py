@@ -237,3 +237,30 @@ def test_seeds_in_parallel_processes_give_the_sequential_results(tmp_path):
             assert a["metrics"] == b["metrics"], (variant, rel)
             assert [r["iou"] for rows in a["rows"].values() for r in rows] == \
                 [r["iou"] for rows in b["rows"].values() for r in rows]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_sam_pretrainer_can_keep_its_image_encoder_frozen(freeze):
+    """`StageSpec.freeze_sam_encoder`: a training step moves SAM's prompt encoder and mask decoder and, only when the
+    encoder is not frozen, the image encoder."""
+    import random
+
+    from ppcr.model.config import tiny_config
+    from ppcr.training.stages import SamPretrainer, collate_objects
+
+    torch.manual_seed(0)
+    module = SamPretrainer(tiny_config(), objects_per_image=2, box_prob=1.0, freeze_encoder=freeze)
+    mask = torch.zeros(64, 64, dtype=torch.uint8)
+    mask[10:30, 20:40] = 1
+    item = {"sam_pixel_values": torch.randn(3, 64, 64), "sam_input_size": (64, 64), "original_size": (64, 64),
+            "masks": [mask, 1 - mask], "boxes": torch.tensor([[20.0, 10.0, 40.0, 30.0], [0.0, 0.0, 64.0, 64.0]])}
+    sam = module.segmenter.sam
+    before = {n: p.detach().clone() for n, p in sam.named_parameters()}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    module(collate_objects([item, item]), random.Random(0))["total"].backward()
+    opt.step()
+    moved = {n.split(".")[0] for n, p in sam.named_parameters() if not torch.equal(p, before[n])}
+    assert {"prompt_encoder", "mask_decoder"} <= moved
+    assert ("image_encoder" in moved) is not freeze
+    assert all(p.grad is None for p in sam.image_encoder.parameters()) is freeze

@@ -44,6 +44,21 @@ def _profile_copy(base: Path, dest: Path, steps: int, device: str | None, name: 
     return dest
 
 
+def _pregenerate(out: Path, profile: Path) -> None:
+    """The profile's SynRef suites with one generator process per core (`prepare_data` uses 2; the suites do not
+    depend on the process count), so the device's time goes to training."""
+    import os
+
+    from ppcr.data.synref import generate_suite
+    from ppcr.training.profile import load_profile
+    from ppcr.training.stages import data_root
+
+    prof = load_profile(str(profile))
+    for spec in prof.datasets:
+        generate_suite(spec.name, data_root(prof, out), n_refs=spec.refs, seed=prof.data_seed,
+                       image_size=prof.image_size, workers=max(2, (os.cpu_count() or 2) - 2), progress=False)
+
+
 def _speed(out: Path, profile: Path) -> float:
     """samples/s of the timing segment, from its stage's DONE.json."""
     from ppcr.training.profile import load_profile
@@ -103,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ret", type=Path, help="folder for the device tool to return (files split under 16 MiB)")
     ap.add_argument("--device", help="override the profile's device (auto)")
     ap.add_argument("--profile", type=Path, default=HERE / "foundation_gpu.yaml")
+    ap.add_argument("--name", default="foundation_gpu_long", help="the long profile's name (one per segment)")
     ap.add_argument("--diag-share", type=float, default=0.15, help="budget share kept for diagnostics and saving")
     ap.add_argument("--join", type=Path, help="rebuild a returned folder (with --dest) instead of training")
     ap.add_argument("--dest", type=Path)
@@ -118,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     probe = _profile_copy(args.profile, args.out / "timing.yaml", args.probe_steps, args.device,
                           "foundation_gpu_timing", curve=False)
+    _pregenerate(args.out, probe)
+    print(f"data ready ({time.perf_counter() - t0:.0f} s)", flush=True)
     rate = _speed(args.out, probe)
     batch = yaml.safe_load(args.profile.read_text())["stages"]["mllm_pretrain"]["batch_size"]
     steps = max(int(args.budget_s * (1 - args.diag_share) * rate / batch), 1)
     steps = steps // 50 * 50 if steps > 100 else steps
     print(f"timing: {rate:.1f} samples/s -> {steps} steps of {batch} in {args.budget_s:.0f} s "
           f"(setup {time.perf_counter() - t0:.0f} s)", flush=True)
-    long = _profile_copy(args.profile, args.out / "foundation_gpu_long.yaml", steps, args.device,
-                         "foundation_gpu_long", curve=True)
+    long = _profile_copy(args.profile, args.out / f"{args.name}.yaml", steps, args.device, args.name, curve=True)
     dest = args.out / "dest"
     manifest = train_foundation(args.out, dest, str(long), progress=False)
     final = manifest["stages"]["mllm_pretrain"]["final_eval"]

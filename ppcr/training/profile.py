@@ -54,6 +54,9 @@ class StageSpec:
     # stage 1, with probe_positions "all": the probe also reads every answer position of the "describe" answers
     # (the answers to the semantic templates), so the position stage 2 reads [SEG] from learns where the object is
     probe_describe: bool = False
+    # stage 0: train only SAM's prompt encoder and mask decoder, the image encoder frozen (its embeddings computed
+    # without gradient): a cheaper continuation of a trained SAM, as the later stages train SAM
+    freeze_sam_encoder: bool = False
     # stages 0-1: start from random weights ("scratch") or from the shipped foundation's ("shipped"; no steps: keep it)
     init: str = "scratch"
     # stage 1: keep the CLIP tower frozen (as LLaVA's own stage 1 does), e.g. after the `vision_pretrain` stage

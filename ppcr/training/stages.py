@@ -231,12 +231,17 @@ class SamPretrainer(nn.Module):
     Like SAM's own training, one image encoding serves several prompts: each step samples up to
     `objects_per_image` of the annotated objects of every image (referred to or not; SAM is class-agnostic),
     prompts each with its jittered box (probability `box_prob`) or 1-3 points inside it, and decodes them all.
+    `freeze_encoder` trains the prompt encoder and mask decoder only (the image encoder runs without gradient).
     """
 
-    def __init__(self, config: PPCRConfig, objects_per_image: int = 1, box_prob: float = 0.5):
+    def __init__(self, config: PPCRConfig, objects_per_image: int = 1, box_prob: float = 0.5,
+                 freeze_encoder: bool = False):
         super().__init__()
         self.segmenter = SamSegmenter(build_sam(config.sam))
         self.segmenter.sam.requires_grad_(True)  # stage 0 trains the encoder too; it is frozen afterwards
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.segmenter.sam.image_encoder.requires_grad_(False)
         self.objects_per_image = objects_per_image
         self.box_prob = box_prob
 
@@ -260,7 +265,8 @@ class SamPretrainer(nn.Module):
     def forward(self, batch: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
         seg = self.segmenter
         device = seg.sam.pixel_mean.device
-        embeddings = seg.sam.image_encoder(batch["sam_pixel_values"].to(device))  # (N, C, s, s), with gradient
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            embeddings = seg.sam.image_encoder(batch["sam_pixel_values"].to(device))  # (N, C, s, s)
         pe = seg.sam.prompt_encoder
         index, sparse, targets, input_sizes, sizes = [], [], [], [], []
         use_box = rng.random() < self.box_prob  # one prompt kind per step: equal sparse lengths, one decoder call
@@ -311,7 +317,7 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
     _fresh(stage, resume)
     torch.manual_seed(seed)
     spec = profile.stage("sam_pretrain")
-    module = SamPretrainer(config, spec.objects_per_image, spec.box_prob)
+    module = SamPretrainer(config, spec.objects_per_image, spec.box_prob, spec.freeze_sam_encoder)
     if spec.init == "shipped":  # continue the shipped foundation's SAM
         from ppcr.foundation import shipped_weights
 
@@ -560,7 +566,8 @@ def normalised_boxes(batch: dict[str, Any], rows: list[bool]) -> torch.Tensor:
     out = []
     for keep, box, (h, w) in zip(rows, batch["box"], batch["original_size"]):
         if keep:
-            out.append(torch.as_tensor(box, dtype=torch.float32) / torch.tensor([w, h, w, h], dtype=torch.float32))
+            box = torch.as_tensor(box, dtype=torch.float32).cpu()  # the loop may have moved it to the device
+            out.append(box / torch.tensor([float(w), float(h), float(w), float(h)]))
     return torch.stack(out)
 
 
