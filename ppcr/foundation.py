@@ -38,11 +38,13 @@ REGENERATE = "python -m ppcr.foundation train"
 
 def regenerate_hint(manifest: dict[str, Any] | None) -> str:
     """The command(s) that regenerate the shipped files this manifest describes: a foundation continued from an
-    earlier one (`continued_from`, e.g. by `foundation_continue`) is its segments' commands, oldest first."""
+    earlier one (`continued_from`, e.g. by `foundation_continue`) is its segments' commands, oldest first. A segment
+    trained from a temporary copy of its profile (the GPU call of notes/gpu) names the repository's copy in its
+    `regenerate` field, which wins over the `command` that ran."""
     commands: list[str] = []
     segment = manifest
     while segment:
-        commands.insert(0, segment.get("command") or REGENERATE)
+        commands.insert(0, segment.get("regenerate") or segment.get("command") or REGENERATE)
         segment = segment.get("continued_from")
     return " && ".join(commands) if commands else REGENERATE
 MANIFEST = "manifest.json"
@@ -134,8 +136,9 @@ def shipped_weights(config: PPCRConfig, directory: Path | None = None) -> dict[s
 
 
 def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FOUNDATION_PROFILE,
-                     progress: bool = True) -> dict[str, Any]:
-    """Stages 0-1 of `profile_name` (cached under `out`), copied to `dest` with their manifest.
+                     progress: bool = True, regenerate: str | None = None) -> dict[str, Any]:
+    """Stages 0-1 of `profile_name` (cached under `out`), copied to `dest` with their manifest (`regenerate`: the
+    command a reader runs to regenerate this segment, where it is not the command that ran; see `regenerate_hint`).
 
     A stage whose spec says `init: shipped` starts from the shipped foundation instead of random weights and trains
     its steps on top (`foundation_continue`); with no steps, the shipped file is kept as it is. The new manifest
@@ -215,10 +218,14 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
                       "kept from or continued from the previous foundation does not count that one's time"),
         "copy_wall_s": round(time.perf_counter() - t0, 1), "files": files,
     }
+    if regenerate:
+        manifest["regenerate"] = regenerate
     if previous is not None:
         manifest["continued_from"] = {k: previous.get(k) for k in ("command", "git_commit", "profile",
                                                                     "profile_config", "files", "wall_s",
                                                                     "stages", "continued_from")}
+        if previous.get("regenerate"):
+            manifest["continued_from"]["regenerate"] = previous["regenerate"]
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

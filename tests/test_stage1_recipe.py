@@ -194,3 +194,7 @@ def test_regenerate_hint_lists_every_segment_oldest_first():
     assert regenerate_hint(third) == "c1 && c2 && c3"
     assert regenerate_hint(None) == REGENERATE
     assert regenerate_hint({"continued_from": {"command": "c1"}}) == f"c1 && {REGENERATE}"
+    # a segment trained from a temporary profile copy (notes/gpu) names the repository's copy in `regenerate`
+    gpu = {"command": "c3 --profile /tmp/x.yaml", "regenerate": "r3",
+           "continued_from": {"command": "c2", "continued_from": {"command": "c1"}}}
+    assert regenerate_hint(gpu) == "c1 && c2 && r3"

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(setup {time.perf_counter() - t0:.0f} s)", flush=True)
     long = _profile_copy(args.profile, args.out / f"{args.name}.yaml", steps, args.device, args.name, curve=True)
     dest = args.out / "dest"
-    manifest = train_foundation(args.out, dest, str(long), progress=False)
+    # the segment's profile is a temporary copy; a reader regenerates it from the one committed beside this script
+    regenerate = f"python -m ppcr.foundation train --profile notes/gpu/{args.name}.yaml --out runs/foundation_gpu"
+    manifest = train_foundation(args.out, dest, str(long), progress=False, regenerate=regenerate)
     final = manifest["stages"]["mllm_pretrain"]["final_eval"]
     summary = {"steps": steps, "timing_samples_per_s": rate, "wall_s": manifest["wall_s"],
                "device": manifest["device"], "final_eval": final,
