@@ -171,7 +171,11 @@ def _make_image(task: ImageTask) -> dict[str, Any]:
 
 def _collect(suite: str, n_refs: int, task_args: dict[str, Any], workers: int, image_dir: Path,
              progress: bool) -> list[dict[str, Any]]:
-    """Generate images in index order until ``n_refs`` refs exist; write their JPEGs."""
+    """Generate images in index order until ``n_refs`` refs exist; write their JPEGs.
+
+    Each batch's stream is read to its end (images past ``n_refs`` are dropped) and the pool is closed, not
+    terminated: terminating a pool whose task feeder is still blocked on a full queue can hang for good (it did,
+    once, in the test suite)."""
     results: list[dict[str, Any]] = []
     total, start = 0, 0
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
@@ -184,18 +188,20 @@ def _collect(suite: str, n_refs: int, task_args: dict[str, Any], workers: int, i
                 stream = pool.imap(_make_image, tasks, chunksize=4) if pool else map(_make_image, tasks)
                 for res in stream:
                     res["refs"] = res["refs"][: n_refs - total]
-                    if not res["refs"]:
+                    if not res["refs"]:  # an image without refs, or one past n_refs
                         continue
                     (image_dir / res["image"]["file_name"]).write_bytes(res.pop("jpeg"))
                     results.append(res)
                     total += len(res["refs"])
                     bar.update(len(res["refs"]))
-                    if total >= n_refs:
-                        break
-    finally:
+    except BaseException:
         if pool is not None:
             pool.terminate()
             pool.join()
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
     return results
 
 
