@@ -221,11 +221,9 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     if regenerate:
         manifest["regenerate"] = regenerate
     if previous is not None:
-        manifest["continued_from"] = {k: previous.get(k) for k in ("command", "git_commit", "profile",
+        manifest["continued_from"] = {k: previous.get(k) for k in ("command", "regenerate", "git_commit", "profile",
                                                                     "profile_config", "files", "wall_s",
                                                                     "stages", "continued_from")}
-        if previous.get("regenerate"):
-            manifest["continued_from"]["regenerate"] = previous["regenerate"]
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

@@ -45,18 +45,14 @@ def _profile_copy(base: Path, dest: Path, steps: int, device: str | None, name: 
 
 
 def _pregenerate(out: Path, profile: Path) -> None:
-    """The profile's SynRef suites with one generator process per core (`prepare_data` uses 2; the suites do not
-    depend on the process count), so the device's time goes to training."""
+    """The profile's SynRef suites with one generator process per core but two (`prepare_data`'s default is 2),
+    so the device's time goes to training."""
     import os
 
-    from ppcr.data.synref import generate_suite
     from ppcr.training.profile import load_profile
-    from ppcr.training.stages import data_root
+    from ppcr.training.stages import prepare_data
 
-    prof = load_profile(str(profile))
-    for spec in prof.datasets:
-        generate_suite(spec.name, data_root(prof, out), n_refs=spec.refs, seed=prof.data_seed,
-                       image_size=prof.image_size, workers=max(2, (os.cpu_count() or 2) - 2), progress=False)
+    prepare_data(load_profile(str(profile)), out, progress=False, workers=max(2, (os.cpu_count() or 2) - 2))
 
 
 def _speed(out: Path, profile: Path) -> float:

@@ -75,15 +75,16 @@ def data_root(profile: Profile, out: str | Path) -> Path:
     return Path(out) / "data"
 
 
-def prepare_data(profile: Profile, out: str | Path, progress: bool = True) -> Path:
-    """Generate the profile's SynRef suites (cached by their generator config) or check the REFER root."""
+def prepare_data(profile: Profile, out: str | Path, progress: bool = True, workers: int = 2) -> Path:
+    """Generate the profile's SynRef suites (cached by their generator config; `workers` generator processes, which
+    do not change the files) or check the REFER root."""
     root = data_root(profile, out)
     if profile.data_kind == "synref":
         from ppcr.data.synref import generate_suite
 
         for spec in profile.datasets:
             generate_suite(spec.name, root, n_refs=spec.refs, seed=profile.data_seed, image_size=profile.image_size,
-                           progress=progress)
+                           workers=workers, progress=progress)
     else:
         for spec in profile.datasets:
             Refer(root, spec.name, spec.split_by)  # raises a clear error for a missing file
