@@ -50,9 +50,13 @@ def total_loss(
     ce_terms: list[torch.Tensor],
     grounding_terms: list[torch.Tensor] | None = None,
     grounding_weight: float = 0.0,
+    semantic_boxes_norm: torch.Tensor | None = None,
+    semantic_box_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Each term and the weighted total. A term absent for a variant (no box for `glamm`) is 0 and not weighted.
-    `grounding_terms` (one `image_grounding_ce` per LLM pass) add their mean times `grounding_weight` (not Eq. 7)."""
+    `grounding_terms` (one `image_grounding_ce` per LLM pass) add their mean times `grounding_weight`, and
+    `semantic_boxes_norm` (B, 4) (the box read from P_seg_txt) its L1 times `semantic_box_weight` (neither is in
+    Eq. 7)."""
     if len(mask_logits) != len(target_masks):
         raise ValueError(f"{len(mask_logits)} predicted masks for {len(target_masks)} targets")
     for pred, tgt in zip(mask_logits, target_masks):
@@ -67,5 +71,10 @@ def total_loss(
     out = {"total": total, "bce": bce, "dice": dice, "l1": l1, "ce": ce}
     if grounding_terms:
         out["grounding"] = torch.stack(grounding_terms).mean()
-        out["total"] = total + grounding_weight * out["grounding"]
+        out["total"] = out["total"] + grounding_weight * out["grounding"]
+    if semantic_boxes_norm is not None:
+        if target_boxes_norm is None:
+            raise ValueError("the box term on P_seg_txt needs the ground-truth boxes")
+        out["semantic_box"] = box_l1(semantic_boxes_norm, target_boxes_norm)
+        out["total"] = out["total"] + semantic_box_weight * out["semantic_box"]
     return out

@@ -183,6 +183,11 @@ class PPCRConfig:
     # over the image, whose mass must sit on the target's patches. Needs image_after_prompt (the image tokens must
     # see the expression, or branch B's P_seg_txt soft token).
     train_image_grounding: float = 0.0
+    # not in the paper (a small-scale recipe choice, 0 = off): the weight of an auxiliary box L1 on P_seg_txt in
+    # stages 2-3. A second F_Map-shaped MLP (`semantic_box_head`, training only) regresses the target's normalised
+    # box from P_seg_txt, so the semantic prompt that branch B reads carries the target's place as well as its
+    # appearance; at this scale stage 2's mask loss alone does not put it there (notes/learning.md).
+    train_semantic_box: float = 0.0
     eval_semantic_template: int = 0
     eval_spatial_template: int = 0
     seed: int = 0

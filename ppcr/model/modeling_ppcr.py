@@ -47,6 +47,7 @@ class StageOutputs:
     iou_pred: torch.Tensor  # (B, 1) SAM's predicted IoU
     ce_terms: list[torch.Tensor] = field(default_factory=list)
     grounding_logits: list[torch.Tensor] = field(default_factory=list)  # per LLM pass (B, N_img), training only
+    semantic_boxes: torch.Tensor | None = None  # (B, 4) the box read from P_seg_txt (`train_semantic_box`)
 
 
 @dataclass
@@ -105,6 +106,10 @@ class PPCRModel(nn.Module):
                 raise ValueError("train_image_grounding needs image_after_prompt: with the image before the prompt "
                                  "the image tokens cannot see what is asked")
             self.grounding_head = nn.Linear(d, 1)
+        # the small presets' box term on P_seg_txt (`train_semantic_box`; not in the paper): P_seg_txt (C) -> box
+        self.semantic_box_head: MLPBoxHead | None = None
+        if config.train_semantic_box > 0:
+            self.semantic_box_head = MLPBoxHead(c, config.box_head_hidden)
 
     # ---------------------------------------------------------------------------------------------------------
     # construction
@@ -135,7 +140,7 @@ class PPCRModel(nn.Module):
         llava.get_output_embeddings().weight.requires_grad_(True)
         self.mllm.train_all_token_rows(False)
         for module in (self.text_hidden_fcs, self.seg_to_llm, self.box_head, self.segmenter.sam.prompt_encoder,
-                       self.segmenter.sam.mask_decoder, self.grounding_head):
+                       self.segmenter.sam.mask_decoder, self.grounding_head, self.semantic_box_head):
             if module is not None:
                 module.requires_grad_(True)
 
@@ -275,8 +280,11 @@ class PPCRModel(nn.Module):
                 sam_boxes = torch.where(use_gt, gt, sam_boxes)
         boxes_in = None if sam_boxes is None else self.segmenter.boxes_to_input_frame(sam_boxes, list(original_sizes))
         low_res, iou = self.segmenter.decode(sam_embeddings, image_index, boxes_in, p_seg_txt)
+        semantic_boxes = None
+        if self.semantic_box_head is not None:
+            semantic_boxes = self.semantic_box_head(p_seg_txt.float())
         return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms,
-                            grounding)
+                            grounding, semantic_boxes)
 
     # ---------------------------------------------------------------------------------------------------------
     # batches from ppcr.data (training / evaluation)
@@ -326,7 +334,7 @@ class PPCRModel(nn.Module):
         if compute_loss and "mask" in batch:
             targets = [m.to(self.device) for m in batch["mask"]]
             target_norm = None
-            if stages.boxes_raw is not None:
+            if stages.boxes_raw is not None or stages.semantic_boxes is not None:
                 wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
                 target_norm = gt_boxes / wh
             grounding = []
@@ -335,7 +343,8 @@ class PPCRModel(nn.Module):
                 patches = torch.stack([target_patches(m.cpu().numpy(), grid) for m in batch["mask"]])
                 grounding = [image_grounding_ce(g, patches) for g in stages.grounding_logits]
             losses = total_loss(self.config.loss, masks, targets, stages.boxes_raw, target_norm, stages.ce_terms,
-                                grounding, self.config.train_image_grounding)
+                                grounding, self.config.train_image_grounding,
+                                stages.semantic_boxes, self.config.train_semantic_box)
             loss = losses["total"]
         return PPCROutput(loss, losses, masks, stages)
 

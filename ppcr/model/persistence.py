@@ -27,8 +27,8 @@ from ppcr.model.tokenizer import load_tokenizer
 if TYPE_CHECKING:
     from ppcr.model.modeling_ppcr import PPCRModel
 
-TRAINABLE_MODULES = ("text_hidden_fcs.", "seg_to_llm.", "box_head.", "segmenter.sam.prompt_encoder.",
-                     "segmenter.sam.mask_decoder.")
+TRAINABLE_MODULES = ("text_hidden_fcs.", "seg_to_llm.", "box_head.", "grounding_head.", "semantic_box_head.",
+                     "segmenter.sam.prompt_encoder.", "segmenter.sam.mask_decoder.")
 EMBED_ROWS = "token_rows.input_embeddings"
 HEAD_ROWS = "token_rows.lm_head"
 

@@ -21,7 +21,8 @@ from scipy.ndimage import distance_transform_edt
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from ppcr.data.dataset import ReferSegDataset, collate_refer
-from ppcr.metrics import RefSegMeter, mask_iou
+from ppcr.metrics import RefSegMeter, box_iou, mask_iou
+from ppcr.model.heads import order_box
 
 
 def val_subset(datasets: Sequence[ReferSegDataset], per_dataset: int) -> Dataset:
@@ -92,6 +93,7 @@ def ris_val_metrics(model, data: Dataset, batch_size: int = 16, sam_cache=None) 
     IoU of the predicted box, and the mIoU of filling that predicted box (does SAM add anything over it?)."""
     meter = RefSegMeter()
     fill: list[float] = []
+    semantic: list[float] = []  # IoU of the box read from P_seg_txt (`train_semantic_box`)
     for batch in batches(data, batch_size):
         out = model(batch, sam_cache=sam_cache, compute_loss=False)
         st = out.stages
@@ -102,6 +104,9 @@ def ris_val_metrics(model, data: Dataset, batch_size: int = 16, sam_cache=None) 
             if st.boxes_norm is not None:
                 pred_box = st.boxes_norm[j].float().cpu().numpy() * np.array([w, h, w, h])
                 fill.append(mask_iou(box_fill_mask(pred_box, (h, w)), gt))
+            if st.semantic_boxes is not None:
+                sem = order_box(st.semantic_boxes[j].float()).cpu().numpy() * np.array([w, h, w, h])
+                semantic.append(box_iou(sem, np.asarray(batch["box"][j], dtype=np.float32)))
             meter.update((logits > 0).cpu().numpy(), gt, pred_box,
                          np.asarray(batch["box"][j], dtype=np.float32) if pred_box is not None else None)
     m = meter.compute()
@@ -109,4 +114,6 @@ def ris_val_metrics(model, data: Dataset, batch_size: int = 16, sam_cache=None) 
     if fill:
         figures.update({"box_acc50": m["box_acc@0.5"], "box_iou": m["box_mIoU"],
                         "box_centre_in": m["box_centre_in_gt"], "miou_pred_box_fill": 100.0 * float(np.mean(fill))})
+    if semantic:
+        figures["semantic_box_iou"] = 100.0 * float(np.mean(semantic))
     return figures

@@ -783,6 +783,12 @@ def _save_checkpoint(model: PPCRModel, profile: Profile, directory: Path) -> Non
     model.save_pretrained(directory)
 
 
+# What stage 3 takes from stage 2 besides branch A's LoRA: the [SEG] head, SAM's prompt encoder / decoder and (with
+# `train_image_grounding` and `train_semantic_box`) the grounding head and the box head on P_seg_txt. Branch B, the
+# soft-token projection and F_Map start fresh (branch B = the pretrained LLM, LoRA B initialised to zero).
+STAGE2_CARRIED = ("text_hidden_fcs.", "segmenter.sam.", "grounding_head.", "semantic_box_head.")
+
+
 def run_ris_stage(profile: Profile, out: Path, variant: str, seed: int, stage_name: str, init_from: Path | None,
                   weights: dict[str, str | None], upstream: str, resume: bool, progress: bool) -> Path:
     config = profile.model_config(variant, seed)
@@ -795,11 +801,7 @@ def run_ris_stage(profile: Profile, out: Path, variant: str, seed: int, stage_na
     _fresh(stage, resume)
     model = build_ris_model(profile, variant, seed, weights)
     if init_from is not None:
-        # branch A, the [SEG] head, SAM's prompt encoder / decoder and (with `train_image_grounding`) the grounding
-        # head from stage 2; branch B, the soft-token projection and the box head start fresh (branch B = the
-        # pretrained LLM, LoRA B initialised to zero).
-        load_weights_into(model, init_from, prefixes=("text_hidden_fcs.", "segmenter.sam.", "grounding_head."),
-                          branches=("semantic",))
+        load_weights_into(model, init_from, prefixes=STAGE2_CARRIED, branches=("semantic",))
         if variant == "glamm":
             load_weights_into(model, init_from)
     cache = sam_cache_for(model, out)
