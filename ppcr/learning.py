@@ -59,7 +59,7 @@ METRIC_LABELS = {
              "seg_slot_probe_box_iou": "grounding probe at the [SEG] slot: box IoU"},
     "ris": {"miou": "mIoU", "oiou": "oIoU", "box_acc50": "box acc@0.5", "box_iou": "box IoU",
             "box_centre_in": "box centre in the GT box", "miou_pred_box_fill": "mIoU of filling the predicted box",
-            "oracle_miou": "mIoU with the GT box"},
+            "oracle_miou": "mIoU with the GT box", "semantic_box_iou": "box IoU read from P_seg_txt (aux. head)"},
 }
 # stage-3 folders in the order of the paper's tables; others follow alphabetically
 RIS_ORDER = ("glamm_init", "glamm", "spatial_re", "spatial_re_seg", "ppcr", "attn_box")
