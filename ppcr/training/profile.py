@@ -20,7 +20,7 @@ from ppcr.model.config import VARIANTS, PPCRConfig, preset_config
 PROFILE_NAMES = ("smoke", "demo", "synthetic", "paper", "foundation", "foundation_continue", "foundation_continue2",
                  "foundation_dense", "foundation_ground", "foundation_ground_continue",
                  "foundation_ground_continue2", "foundation_ground_describe",
-                 "foundation_ground_describe2", "foundation_ground_describe3")
+                 "foundation_ground_describe2", "foundation_ground_describe3", "foundation_sam4")
 
 
 @dataclass
