@@ -27,8 +27,8 @@ FIT: dict[str, float] = {}
 
 
 @torch.no_grad()
-def fit_soft_token(model, profile, n: int, ridge: float) -> None:
-    data = train_dataset(profile, data_root(profile, OUT), model.image_prep())
+def fit_soft_token(model, profile, out: Path, n: int, ridge: float) -> None:
+    data = train_dataset(profile, data_root(profile, out), model.image_prep())
     was = model.training
     model.eval()
     embed = model.mllm.llava.get_input_embeddings()
@@ -59,21 +59,20 @@ def fit_soft_token(model, profile, n: int, ridge: float) -> None:
 
 def main(glamm: str, profile_name: str, variant: str, seed: str, out: str, n: str = "1024",
          ridge: str = "1.0") -> None:
-    global OUT
     profile = load_profile(profile_name)
-    OUT = Path(out)
+    out_dir = Path(out)
     plain = stages.load_weights_into
 
     def load_then_fit(model, src, prefixes=None, branches=("semantic", "spatial")):
         plain(model, src, prefixes=prefixes, branches=branches)
         if prefixes == stages.STAGE2_CARRIED and model.config.spec.spatial_source in ("seg", "re_seg"):
-            fit_soft_token(model, profile, int(n), float(ridge))
+            fit_soft_token(model, profile, out_dir, int(n), float(ridge))
 
     stages.load_weights_into = load_then_fit
     seed_k = int(seed)
-    prepare_data(profile, OUT, True)
-    weights = base_weights(profile, OUT, seed_k, False, True)
-    ckpt = run_ris_stage(profile, OUT, variant, seed_k, "variants", Path(glamm), weights,
+    prepare_data(profile, out_dir, True)
+    weights = base_weights(profile, out_dir, seed_k, False, True)
+    ckpt = run_ris_stage(profile, out_dir, variant, seed_k, "variants", Path(glamm), weights,
                          str(Path(glamm).resolve()), False, True)
     done = json.loads((ckpt.parent / "DONE.json").read_text())
     print(json.dumps({"checkpoint": str(ckpt), "soft_token_fit": FIT, "final_eval": done.get("final_eval")},

@@ -100,15 +100,15 @@ def ris_val_metrics(model, data: Dataset, batch_size: int = 16, sam_cache=None) 
         for j, logits in enumerate(out.mask_logits):
             gt = batch["mask"][j].numpy().astype(bool)
             h, w = batch["original_size"][j]
+            gt_box = np.asarray(batch["box"][j], dtype=np.float32)
             pred_box = None
             if st.boxes_norm is not None:
                 pred_box = st.boxes_norm[j].float().cpu().numpy() * np.array([w, h, w, h])
                 fill.append(mask_iou(box_fill_mask(pred_box, (h, w)), gt))
             if st.semantic_boxes is not None:
                 sem = order_box(st.semantic_boxes[j].float()).cpu().numpy() * np.array([w, h, w, h])
-                semantic.append(box_iou(sem, np.asarray(batch["box"][j], dtype=np.float32)))
-            meter.update((logits > 0).cpu().numpy(), gt, pred_box,
-                         np.asarray(batch["box"][j], dtype=np.float32) if pred_box is not None else None)
+                semantic.append(box_iou(sem, gt_box))
+            meter.update((logits > 0).cpu().numpy(), gt, pred_box, gt_box if pred_box is not None else None)
     m = meter.compute()
     figures: dict[str, Any] = {"miou": m["mIoU"], "oiou": m["oIoU"]}
     if fill:
