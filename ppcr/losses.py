@@ -52,11 +52,13 @@ def total_loss(
     grounding_weight: float = 0.0,
     semantic_boxes_norm: torch.Tensor | None = None,
     semantic_box_weight: float = 0.0,
+    distill_term: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Each term and the weighted total. A term absent for a variant (no box for `glamm`) is 0 and not weighted.
     `grounding_terms` (one `image_grounding_ce` per LLM pass) add their mean times `grounding_weight`, and
-    `semantic_boxes_norm` (B, 4) (the box read from P_seg_txt) its L1 times `semantic_box_weight` (neither is in
-    Eq. 7)."""
+    `semantic_boxes_norm` (B, 4) (the box read from P_seg_txt) its L1 times `semantic_box_weight`, and
+    `distill_term` (branch B against the teacher, `spatial_distillation`) times `distill_weight` (none is in Eq. 7)."""
     if len(mask_logits) != len(target_masks):
         raise ValueError(f"{len(mask_logits)} predicted masks for {len(target_masks)} targets")
     for pred, tgt in zip(mask_logits, target_masks):
@@ -77,4 +79,23 @@ def total_loss(
             raise ValueError("the box term on P_seg_txt needs the ground-truth boxes")
         out["semantic_box"] = box_l1(semantic_boxes_norm, target_boxes_norm)
         out["total"] = out["total"] + semantic_box_weight * out["semantic_box"]
+    if distill_term is not None:
+        out["distill"] = distill_term
+        out["total"] = out["total"] + distill_weight * distill_term
     return out
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of `student` against a fixed `teacher` of the same shape, divided by the teacher's mean
+    square: 1 for a zero student, whatever the hidden states' scale."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
+    teacher = teacher.detach().float()
+    return F.mse_loss(student.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def spatial_distillation(query: torch.Tensor, image: torch.Tensor, teacher_query: torch.Tensor,
+                         teacher_image: torch.Tensor) -> torch.Tensor:
+    """Branch B's last hidden states against the teacher's (`PPCRConfig.train_spatial_distill`): the mean of the
+    relative MSE at the query position (B, d) and on the image tokens (B, N_img, d)."""
+    return 0.5 * (relative_mse(query, teacher_query) + relative_mse(image, teacher_image))

@@ -188,6 +188,15 @@ class PPCRConfig:
     # box from P_seg_txt, so the semantic prompt that branch B reads carries the target's place as well as its
     # appearance; at this scale stage 2's mask loss alone does not put it there (notes/learning.md).
     train_semantic_box: float = 0.0
+    # not in the paper (a small-scale recipe choice, 0 = off): the weight of a distillation term on branch B in stage
+    # 3 for the variants whose spatial prompt holds the `[P_SEG]` soft token. The same spatial template with the
+    # expression in place of the soft token (a question stage 1 trained the LLaVA on) runs through the LLM without
+    # LoRA, as the teacher; branch B's last hidden states at the query position and on the image tokens must match
+    # the teacher's (mean squared error relative to the teacher's mean square). At the start of stage 3 the soft
+    # token is a fresh projection the LLM has never seen, and branch B's query state holds none of the box (a probe
+    # of F_Map's shape: 1.5-4 % box IoU, against 26-40 % with the expression; notes/learning.md). The teacher
+    # plays the part of the paper's grounding-pretrained (GranD) initialisation of LoRA B.
+    train_spatial_distill: float = 0.0
     eval_semantic_template: int = 0
     eval_spatial_template: int = 0
     seed: int = 0

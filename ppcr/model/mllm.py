@@ -272,6 +272,24 @@ class MultimodalLLM(nn.Module):
         image = image_token_states(hidden, encoded.input_ids, self.image_token_id) if image_hidden else None
         return query, ce, image
 
+    @torch.no_grad()
+    def run_base(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the LLM without any LoRA (the pretrained LLaVA, as the teacher of
+        `PPCRConfig.train_spatial_distill`), no gradient: the last-layer hidden states at the query position (B, d)
+        and on the image tokens (B, N_img, d)."""
+        embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index], self.image_token_id)
+        lora = self.lora_parameters()
+        wanted = {n: p.requires_grad for n, p in lora.items()}
+        with self.peft.disable_adapter():
+            hidden = self.llava.model.language_model(
+                inputs_embeds=embeds, attention_mask=encoded.attention_mask
+            ).last_hidden_state  # (B, L, d)
+        for n, p in lora.items():  # leaving the context re-activates one adapter and freezes the other: undo that,
+            p.requires_grad_(wanted[n])  # or the branch that ran before this pass gets no gradient this step
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, encoded.query_index], image_token_states(hidden, encoded.input_ids, self.image_token_id)
+
     def _run_cached(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor,
                     soft_tokens: torch.Tensor | None, prefix: int) -> torch.Tensor:
         """The query hidden states (B, d) of `run_branch`, with the first `prefix` positions computed once per

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ppcr.data.transforms import ImagePrep, target_patches
-from ppcr.losses import image_grounding_ce, total_loss
+from ppcr.losses import image_grounding_ce, spatial_distillation, total_loss
 from ppcr.model import prompts
 from ppcr.model.config import PPCRConfig
 from ppcr.model.heads import AttentionBoxHead, MLPBoxHead, SegPromptHead, SoftTokenProjector, order_box
@@ -48,6 +48,7 @@ class StageOutputs:
     ce_terms: list[torch.Tensor] = field(default_factory=list)
     grounding_logits: list[torch.Tensor] = field(default_factory=list)  # per LLM pass (B, N_img), training only
     semantic_boxes: torch.Tensor | None = None  # (B, 4) the box read from P_seg_txt (`train_semantic_box`)
+    distill: torch.Tensor | None = None  # () branch B against the teacher (`train_spatial_distill`), training only
 
 
 @dataclass
@@ -192,27 +193,42 @@ class PPCRModel(nn.Module):
                                                        compute_ce=self.training, image_hidden=self._grounding())
         return self.text_hidden_fcs(h_seg.float()), ce, self._grounding_logits(image_hidden)
 
+    def _distilling(self) -> bool:
+        """Whether this pass distils branch B from the teacher (training, `train_spatial_distill`, a soft token)."""
+        return (self.training and self.config.train_spatial_distill > 0
+                and self.config.spec.spatial_source != "re")
+
     def spatial_stage(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
                       p_seg_txt: torch.Tensor, rng: random.Random | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Branch B: spatial prompt (with P_seg_txt as soft token) -> P_seg_box (B, d), raw box (B, 4), CE and the
-        grounding logits (B, N_img) as in `semantic_stage`."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                 torch.Tensor | None]:
+        """Branch B: spatial prompt (with P_seg_txt as soft token) -> P_seg_box (B, d), raw box (B, 4), CE, the
+        grounding logits (B, N_img) as in `semantic_stage` and (training with `train_spatial_distill`) the
+        distillation term against the LoRA-free LLM reading the same template with the expression."""
         cfg = self.config
         source = cfg.spec.spatial_source
         templates = prompts.spatial_templates(source)
-        ctx, ans = zip(*[
-            prompts.conversation(
-                prompts.fill(prompts.pick_template(templates, rng, cfg.eval_spatial_template), e),
-                prompts.SPATIAL_ANSWER, cfg.system_prompt, cfg.image_after_prompt)
-            for e in expressions
-        ])
-        enc = encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)
+        chosen = [prompts.pick_template(templates, rng, cfg.eval_spatial_template) for _ in expressions]
+
+        def encode(questions: Sequence[str]):
+            ctx, ans = zip(*[prompts.conversation(q, prompts.SPATIAL_ANSWER, cfg.system_prompt,
+                                                  cfg.image_after_prompt) for q in questions])
+            return encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)
+
+        enc = encode([prompts.fill(t, e) for t, e in zip(chosen, expressions)])
         soft = None if source == "re" else self.seg_to_llm(p_seg_txt)
+        distilling = self._distilling()
         p_seg_box, ce, image_hidden = self.mllm.run_branch("spatial", enc, image_features, image_index,
                                                            soft_tokens=soft, compute_ce=self.training,
-                                                           image_hidden=self._grounding())
+                                                           image_hidden=self._grounding() or distilling)
         box_raw = self.box_head(p_seg_box.float(), image_features[image_index].float())
-        return p_seg_box, box_raw, ce, self._grounding_logits(image_hidden)
+        distill = None
+        if distilling:  # the teacher reads the expression where the student reads the soft token
+            teacher = encode([prompts.fill(t.replace("{P}", "{T}"), e) for t, e in zip(chosen, expressions)])
+            t_query, t_image = self.mllm.run_base(teacher, image_features, image_index)
+            distill = spatial_distillation(p_seg_box, image_hidden, t_query, t_image)
+        grounding = self._grounding_logits(image_hidden) if self._grounding() else None
+        return p_seg_box, box_raw, ce, grounding, distill
 
     def _jitter_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """(B, 4) ground-truth pixel boxes moved by up to `train_gt_box_jitter` of their size per coordinate (as
@@ -250,10 +266,10 @@ class PPCRModel(nn.Module):
         p_seg_txt, ce_sem, ground_sem = self.semantic_stage(image_features, image_index, expressions, rng)
         ce_terms = [ce_sem] if ce_sem is not None else []
         grounding = [ground_sem] if ground_sem is not None else []
-        p_seg_box = boxes_raw = boxes_norm = None
+        p_seg_box = boxes_raw = boxes_norm = distill = None
         if self.config.spec.uses_spatial_stage:
-            p_seg_box, boxes_raw, ce_spa, ground_spa = self.spatial_stage(image_features, image_index, expressions,
-                                                                          p_seg_txt, rng)
+            p_seg_box, boxes_raw, ce_spa, ground_spa, distill = self.spatial_stage(image_features, image_index,
+                                                                                   expressions, p_seg_txt, rng)
             boxes_norm = order_box(boxes_raw)
             if ce_spa is not None:
                 ce_terms.append(ce_spa)
@@ -284,7 +300,7 @@ class PPCRModel(nn.Module):
         if self.semantic_box_head is not None:
             semantic_boxes = self.semantic_box_head(p_seg_txt.float())
         return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms,
-                            grounding, semantic_boxes)
+                            grounding, semantic_boxes, distill)
 
     # ---------------------------------------------------------------------------------------------------------
     # batches from ppcr.data (training / evaluation)
@@ -344,7 +360,8 @@ class PPCRModel(nn.Module):
                 grounding = [image_grounding_ce(g, patches) for g in stages.grounding_logits]
             losses = total_loss(self.config.loss, masks, targets, stages.boxes_raw, target_norm, stages.ce_terms,
                                 grounding, self.config.train_image_grounding,
-                                stages.semantic_boxes, self.config.train_semantic_box)
+                                stages.semantic_boxes, self.config.train_semantic_box,
+                                stages.distill, self.config.train_spatial_distill)
             loss = losses["total"]
         return PPCROutput(loss, losses, masks, stages)
 
