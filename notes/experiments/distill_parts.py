@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import ppcr.model.modeling_ppcr as modeling  # noqa: E402
 from ppcr.losses import relative_mse  # noqa: E402
-from ppcr.model.mllm import MultimodalLLM, image_token_states, multimodal_embeddings  # noqa: E402
+from ppcr.model.mllm import MultimodalLLM, image_token_states, query_states  # noqa: E402
 
 PARTS = {
     "image": lambda query, image, t_query, t_image: relative_mse(image, t_image),
@@ -30,11 +30,8 @@ PARTS = {
 def run_with_branch_b(self, encoded, image_features, image_index):
     """`run_base` with branch B's LoRA as it is now (no gradient) instead of no LoRA."""
     self.use_branch("spatial")
-    embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index], self.image_token_id)
-    hidden = self.llava.model.language_model(inputs_embeds=embeds,
-                                             attention_mask=encoded.attention_mask).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, encoded.query_index], image_token_states(hidden, encoded.input_ids, self.image_token_id)
+    hidden = self._full_pass(encoded, image_features, image_index)
+    return query_states(hidden, encoded), image_token_states(hidden, encoded.input_ids, self.image_token_id)
 
 
 if __name__ == "__main__":

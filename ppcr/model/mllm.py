@@ -140,6 +140,12 @@ def image_token_states(hidden: torch.Tensor, input_ids: torch.Tensor, image_toke
     return hidden[slots].reshape(hidden.shape[0], -1, hidden.shape[-1])
 
 
+def query_states(hidden: torch.Tensor, encoded: EncodedPass) -> torch.Tensor:
+    """(B, L, d) hidden states -> those at each row's query position, (B, d)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, encoded.query_index]
+
+
 def shared_prefix_length(encoded: EncodedPass, soft_token_id: int | None = None,
                          image_token_id: int | None = None) -> int:
     """How many leading positions every row of a pass shares and can take from one image's cached prefix.
@@ -261,16 +267,10 @@ class MultimodalLLM(nn.Module):
                                           self.image_token_id)
             if prefix > 0:
                 return self._run_cached(encoded, image_features, image_index, soft_tokens, prefix), None, None
-        embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index],
-                                       self.image_token_id, soft_tokens, self.pseg_token_id)
-        hidden = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=encoded.attention_mask
-        ).last_hidden_state  # (B, L, d)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        query = hidden[rows, encoded.query_index]  # (B, d)
+        hidden = self._full_pass(encoded, image_features, image_index, soft_tokens)
         ce = answer_cross_entropy(self.llava, hidden, encoded.labels) if compute_ce else None
         image = image_token_states(hidden, encoded.input_ids, self.image_token_id) if image_hidden else None
-        return query, ce, image
+        return query_states(hidden, encoded), ce, image
 
     @torch.no_grad()
     def run_base(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor
@@ -278,17 +278,22 @@ class MultimodalLLM(nn.Module):
         """One pass of the LLM without any LoRA (the pretrained LLaVA, as the teacher of
         `PPCRConfig.train_spatial_distill`), no gradient: the last-layer hidden states at the query position (B, d)
         and on the image tokens (B, N_img, d)."""
-        embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index], self.image_token_id)
         lora = self.lora_parameters()
         wanted = {n: p.requires_grad for n, p in lora.items()}
         with self.peft.disable_adapter():
-            hidden = self.llava.model.language_model(
-                inputs_embeds=embeds, attention_mask=encoded.attention_mask
-            ).last_hidden_state  # (B, L, d)
+            hidden = self._full_pass(encoded, image_features, image_index)
         for n, p in lora.items():  # leaving the context re-activates one adapter and freezes the other: undo that,
             p.requires_grad_(wanted[n])  # or the branch that ran before this pass gets no gradient this step
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, encoded.query_index], image_token_states(hidden, encoded.input_ids, self.image_token_id)
+        return query_states(hidden, encoded), image_token_states(hidden, encoded.input_ids, self.image_token_id)
+
+    def _full_pass(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor,
+                   soft_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole sequences through the LLM with whatever adapter is active: last hidden states (B, L, d)."""
+        embeds = multimodal_embeddings(self.llava, encoded.input_ids, image_features[image_index],
+                                       self.image_token_id, soft_tokens, self.pseg_token_id)
+        return self.llava.model.language_model(
+            inputs_embeds=embeds, attention_mask=encoded.attention_mask
+        ).last_hidden_state
 
     def _run_cached(self, encoded: EncodedPass, image_features: torch.Tensor, image_index: torch.Tensor,
                     soft_tokens: torch.Tensor | None, prefix: int) -> torch.Tensor:
@@ -307,3 +312,4 @@ class MultimodalLLM(nn.Module):
                     **{_CACHE_ARG: cache}).last_hidden_state  # (B, L - P, d)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, encoded.query_index - prefix]
+

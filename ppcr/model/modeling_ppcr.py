@@ -224,7 +224,8 @@ class PPCRModel(nn.Module):
         box_raw = self.box_head(p_seg_box.float(), image_features[image_index].float())
         distill = None
         if distilling:  # the teacher reads the expression where the student reads the soft token
-            teacher = encode([prompts.fill(t.replace("{P}", "{T}"), e) for t, e in zip(chosen, expressions)])
+            teacher = encode([prompts.fill(prompts.soft_token_as_expression(t), e)
+                              for t, e in zip(chosen, expressions)])
             t_query, t_image = self.mllm.run_base(teacher, image_features, image_index)
             distill = spatial_distillation(p_seg_box, image_hidden, t_query, t_image)
         grounding = self._grounding_logits(image_hidden) if self._grounding() else None

@@ -53,6 +53,12 @@ def spatial_templates(source: str) -> tuple[str, ...]:
     return table[source]
 
 
+def soft_token_as_expression(template: str) -> str:
+    """A spatial template with the expression where the soft token stands: the question stage 1 trains the LLaVA
+    on, and the one the teacher of `PPCRConfig.train_spatial_distill` reads."""
+    return template.replace("{P}", "{T}")
+
+
 def check_expression(expression: str) -> str:
     """Normalise an expression, refusing empty ones with a clear error."""
     if not isinstance(expression, str):

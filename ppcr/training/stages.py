@@ -363,7 +363,7 @@ def pretrain_turn(expression: str, attributes: dict[str, Any], box: torch.Tensor
         words = [attributes.get(k) for k in ("size", "pattern", "color", "shape")]
         question = prompts.fill(prompts.pick_template(prompts.SEMANTIC_TEMPLATES, rng, 0), expression)
         return question, "Sure, it is a " + " ".join(w for w in words if w) + "."
-    templates = prompts.SPATIAL_RE_TEMPLATES + tuple(t.replace("{P}", "{T}") for t in
+    templates = prompts.SPATIAL_RE_TEMPLATES + tuple(prompts.soft_token_as_expression(t) for t in
                                                      prompts.SPATIAL_TEMPLATES + prompts.SPATIAL_RE_SEG_TEMPLATES)
     question = prompts.fill(prompts.pick_template(templates, rng, 0), expression)
     h, w = size
