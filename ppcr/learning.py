@@ -53,7 +53,9 @@ METRIC_LABELS = {
                "size_acc": "patch size acc.", "background_acc": "background patches acc.",
                "box_l1": "patch box L1 (fraction of the side)"},  # not a percentage: in the table, not plotted
     "mllm": {"describe_token_acc": "describe: answer-token acc.", "where_token_acc": "where: answer-token acc.",
-             "where_box_iou": "where: box IoU", "where_box_acc50": "where: box acc@0.5",
+             "where_box_iou": "where: box IoU (teacher-forced bins)",
+             "where_box_acc50": "where: box acc@0.5 (teacher-forced bins)",
+             "where_free_box_iou": "where: box IoU (decoded)", "where_free_box_acc50": "where: box acc@0.5 (decoded)",
              "probe_box_iou": "grounding probe: box IoU", "probe_box_acc50": "grounding probe: box acc@0.5",
              "grounding_hit": "image tokens: top token on the target",
              "seg_slot_probe_box_iou": "grounding probe at the [SEG] slot: box IoU"},

@@ -54,16 +54,20 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
         parts = [_study_seed(profile, out, seed, resume, progress) for seed in profile.seeds]
     index: dict[str, dict[str, str]] = {}
     probes: dict[str, str] = {}
+    foundation: dict[str, str] = {}
     for seed, part in zip(profile.seeds, parts):
         for variant, rel in part["results"].items():
             index.setdefault(variant, {})[str(seed)] = rel
         if part["prompt_probe"] is not None:
             probes[str(seed)] = part["prompt_probe"]
+        if part["foundation_eval"] is not None:
+            foundation[str(seed)] = part["foundation_eval"]
         timings.update(part["timings_s"])
     study = {
         "profile": profile.name, "profile_source": profile.source, "preset": profile.preset,
         "profile_config": profile.to_dict(), "git_commit": git_commit(), "seeds": profile.seeds,
-        "variants": evaluated, "results": index, "prompt_probe": probes, "seed_workers": workers,
+        "variants": evaluated, "results": index, "prompt_probe": probes, "foundation_eval": foundation,
+        "seed_workers": workers,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "wall_s": round(time.perf_counter() - t0, 2), "stages": stage_summaries(out),
         "command": " ".join(sys.argv),
@@ -112,7 +116,18 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
         tic = time.perf_counter()
         probe = str(run_probe(profile, out, seed, checkpoints["ppcr"], progress).relative_to(out))
         timings[f"prompt_probe/seed{seed}"] = time.perf_counter() - tic
-    return {"results": results, "prompt_probe": probe, "timings_s": timings}
+    return {"results": results, "prompt_probe": probe, "foundation_eval": _foundation_eval(profile, out, seed),
+            "timings_s": timings}
+
+
+def _foundation_eval(profile: Profile, out: Path, seed: int) -> str | None:
+    """The DONE.json of the stage 0-1 evaluation this seed's training wrote (relative to `out`), if any."""
+    from ppcr.training.stages import base_weights, foundation_eval_dir
+
+    if profile.data_kind != "synref" or not profile.diag_expressions:
+        return None
+    done = foundation_eval_dir(profile, out, seed, base_weights(profile, out, seed, True, False)) / "DONE.json"
+    return str(done.relative_to(out)) if done.is_file() else None
 
 
 def run_probe(profile: Profile, out: Path, seed: int, checkpoint: Path, progress: bool = True) -> Path:

@@ -3,6 +3,7 @@ strict Jupyter Book build (any notebook error or Sphinx warning fails), all in a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -184,6 +185,27 @@ def test_prompt_probe_table(smoke_run: Path, study: report.Study) -> None:
         if own["seeds"] == 1:
             assert math.isclose(own["box_centre_in_gt"].mean, centre)
             assert math.isclose(own["box_iou"].mean, 100 * sum(r["box_iou"] for r in ppcr_rows) / len(ppcr_rows))
+
+
+def test_foundation_llava_answer_is_shown_beside_the_readers(smoke_run: Path, study: report.Study) -> None:
+    """The run's evaluation of its stage 0-1 weights (study.json `foundation_eval`) holds the LLaVA's decoded
+    "where" box on the results files' val expressions; the probe table shows it as a reader and the front page as a
+    column. A study without it shows neither."""
+    index = json.loads((smoke_run / "study.json").read_text())
+    assert set(index["foundation_eval"]) == {str(s) for s in study.seeds}
+    answers = study.foundation_eval()[study.seeds[0]]["where_answer"]
+    val_keys = [k for k in study.keys if k.endswith("/val")]
+    assert set(answers) == set(val_keys)
+    rows = {(r["split"], r["reader"]): r for r in report.prompt_probe_table(study).rows}
+    status = {r["split"]: r for r in report.status_table(study).rows}
+    for key in val_keys:
+        assert answers[key]["n"] == len(study.rows("ppcr", key, study.seeds[0]))  # the same expressions
+        row = rows[key, report.FOUNDATION_READER]
+        assert row["box_acc50"].mean == answers[key]["box_acc50"] and row["box_iou"].mean == answers[key]["box_iou"]
+        assert status[key]["llava_box_acc"] == answers[key]["box_acc50"]
+    without = dataclasses.replace(study, index={k: v for k, v in study.index.items() if k != "foundation_eval"})
+    assert not any(r["reader"] == report.FOUNDATION_READER for r in report.prompt_probe_table(without).rows)
+    assert "llava_box_acc" not in [c.key for c in report.status_table(without).columns]
 
 
 def test_claim_verdicts() -> None:

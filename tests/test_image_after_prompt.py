@@ -91,6 +91,7 @@ def test_grounding_loss_trains_and_is_reported():
     metrics = module.val_metrics([{k: v[i] for k, v in batch.items()}
                                   for i in range(4)], batch_size=4)
     assert 0.0 <= metrics["grounding_hit"] <= 100.0
+    assert 0.0 <= metrics["where_free_box_acc50"] <= 100.0 and 0.0 <= metrics["where_free_box_iou"] <= 100.0
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,8 @@ from ppcr.report.tables import (PAPER_DATASET_LABELS, PAPER_DATASETS, PAPER_SPLI
                                 scale_text, study_key, table1, table2, table3, to_html, to_markdown)
 from ppcr.report.costs import attention_head_flops, box_head_costs, mlp_head_flops, stage_costs, time_modules
 from ppcr.report.stats import (BOOTSTRAP_PAIRS, BOX_VARIANTS, CLAIMS, GROUNDED_BOX_ACC, _paper_delta, bootstrap_gains,
-                               box_conditional_gains, claim_verdict, claims_table, paired_rows, PROBE_READERS,
-                               prompt_probe_table, seed_summary)
+                               box_conditional_gains, claim_verdict, claims_table, FOUNDATION_READER, paired_rows,
+                               PROBE_READERS, prompt_probe_table, seed_summary)
 from ppcr.report.breakdowns import (AMBIGUITY_FROM, OCCLUSION_BELOW, breakdown, breakdown_table, failure_cases,
                                     failure_reason, failure_table)
 from ppcr.report.examples import entity_example, failure_figure_rows, qualitative_examples
@@ -62,7 +62,8 @@ __all__ = [
     "pixels_in_box", "rle_area", "box_fill_inter_union", "fill_gt_cell", "fill_pred_cell", "sanity_rows",
     "sanity_caption", "table1", "table2", "table3", "mlp_head_flops", "attention_head_flops", "time_modules",
     "box_head_costs", "stage_costs", "seed_summary", "BOOTSTRAP_PAIRS", "CLAIMS", "paired_rows", "bootstrap_gains",
-    "BOX_VARIANTS", "box_conditional_gains", "prompt_probe_table", "PROBE_READERS", "GROUNDED_BOX_ACC",
+    "BOX_VARIANTS", "box_conditional_gains", "prompt_probe_table", "PROBE_READERS", "FOUNDATION_READER",
+    "GROUNDED_BOX_ACC",
     "claim_verdict", "claims_table", "breakdown", "breakdown_table", "OCCLUSION_BELOW",
     "AMBIGUITY_FROM", "failure_reason", "failure_cases", "failure_table", "failure_figure_rows", "qualitative_examples",
     "entity_example", "provenance", "metric_rows", "summary_line", "SHOWN_VARIANTS", "make_explorer", "explorer_start",

@@ -168,12 +168,14 @@ def _box_row_figures(rows: list[dict[str, Any]]) -> dict[str, float] | None:
 
 PROBE_READERS = (("ppcr", "ppcr: branch B reads the soft token, F_Map the box"),
                  ("spatial_re", "spatial_re: branch B reads the expression"))
+FOUNDATION_READER = "the foundation LLaVA's own \u201cwhere\u201d answer (decoded, before stages 2-3)"
 
 
 def prompt_probe_table(study: Study) -> Table:
     """Per val split: the box an MLP probe reads off ppcr's P_seg_txt alone (`ppcr.training.prompt_probe`) beside
     the boxes of ppcr and spatial_re on the same expressions; mean (std) over the seeds that have a probe."""
     probes = study.prompt_probe()
+    answers = {seed: info.get("where_answer", {}) for seed, info in study.foundation_eval().items()}
     rows = []
     keys = [k for k in study.keys if any(k in p["splits"] for p in probes.values())]
     for key in keys:
@@ -183,6 +185,9 @@ def prompt_probe_table(study: Study) -> Table:
             figures = [f for s in seeds if (f := _box_row_figures(study.rows(variant, key, s))) is not None]
             if figures:
                 readers.append((label, figures))
+        decoded = [answers[s][key] for s in sorted(answers) if key in answers[s]]
+        if decoded:
+            readers.append((FOUNDATION_READER, decoded))
         for label, figures in readers:
             rows.append({"split": key, "reader": label, "seeds": len(figures),
                          **{m: mean_std([f[m] for f in figures]) for m in ("box_iou", "box_acc50",
@@ -200,7 +205,10 @@ def prompt_probe_table(study: Study) -> Table:
                  "boxes on the same expressions. The probe is a reference, not a bound: it shows what a small reader "
                  "of P_seg_txt alone gets from this much training data. Where ppcr's box is below it, branch B has not "
                  "learned to read all that P_seg_txt holds; where both are low, P_seg_txt does not say where the "
-                 "object is. "
+                 "object is. The last row is the LLaVA the run starts from (stage 1, before stages 2-3) answering "
+                 "the \u201cwhere\u201d question about the expression itself, its four box bins decoded greedily "
+                 "(`MllmPretrainer.decode_where_bins`): how well this LLaVA grounds the expressions on its own, a "
+                 "reference for every reader trained on top of it. "
                  + reproduced_caption(study)),
     )
 

@@ -81,6 +81,15 @@ class Study:
                 out[int(seed_text)] = json.loads(path.read_text())
         return out
 
+    def foundation_eval(self) -> dict[int, dict[str, Any]]:
+        """seed -> the DONE.json of the stage 0-1 evaluation on this run's val splits (empty for a study without)."""
+        out = {}
+        for seed_text, rel in self.index.get("foundation_eval", {}).items():
+            path = self.run_dir / rel
+            if int(seed_text) in self.seeds and path.is_file():
+                out[int(seed_text)] = json.loads(path.read_text())
+        return out
+
     def checkpoint(self, variant: str, seed: int | None = None) -> str | None:
         by_seed = self.results.get(variant, {})
         seed = min(by_seed) if seed is None and by_seed else seed

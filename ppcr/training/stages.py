@@ -19,13 +19,14 @@ import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from ppcr.data.dataset import ImageObjectsDataset, ReferSegDataset, collate_refer
 from ppcr.data.refer import Refer, load_image
@@ -44,6 +45,7 @@ from ppcr.metrics import box_iou
 from ppcr.training.diagnostics import batches, ris_val_metrics, sam_prompt_metrics, val_subset
 from ppcr.training.loop import LoopConfig, TrainResult, train_loop
 from ppcr.training.profile import Profile, StageSpec
+from ppcr.training.prompt_probe import box_figures
 from ppcr.training.vision_pretrain import (VISION_PRETRAIN_VERSION, DenseVisionPretrainer, build_vision_tower,
                                            collate_patch_targets, patch_targets_data)
 
@@ -371,6 +373,13 @@ def pretrain_turn(expression: str, attributes: dict[str, Any], box: torch.Tensor
     return question, "Sure, the bounding box is " + " ".join(map(str, bins)) + "."
 
 
+def bin_centres(bins: Sequence[int], size: tuple[int, int]) -> list[float]:
+    """Four box bins (of `BOX_BINS` per side) -> the pixel box through their centres; `pretrain_turn` maps it back
+    to the same bins."""
+    h, w = size
+    return [(b + 0.5) / BOX_BINS * s for b, s in zip(bins, (w, h, w, h))]
+
+
 class MllmPretrainer(nn.Module):
     """The small LLaVA (vision tower, projector and LLM all trained) on next-token prediction of the answers, plus
     a grounding probe: an F_Map-shaped MLP regresses the target's box (L1 + GIoU) from the hidden state that
@@ -428,14 +437,16 @@ class MllmPretrainer(nn.Module):
         h = hidden[torch.arange(len(first), device=hidden.device), first]  # (B, d)
         return self.box_probe(h.float())
 
-    def sequence_hidden(self, batch: dict[str, Any], tasks: list[str], rng: random.Random | None = None
-                        ) -> tuple[torch.Tensor, Any]:
-        """Last-layer hidden states of the whole conversation (B, L, d) and its `EncodedPass`."""
+    def sequence_hidden(self, batch: dict[str, Any], tasks: list[str], rng: random.Random | None = None,
+                        boxes: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+        """Last-layer hidden states of the whole conversation (B, L, d) and its `EncodedPass`. `boxes`: the
+        pixel boxes the "where" answers state (default the targets'; `decode_where_bins` passes its own)."""
         device = self.llava.device
         feats = llava_image_features(self.llava, batch["clip_pixel_values"].to(device),
                                      self.config.vision_feature_layer)  # (B, N_img, d), with gradient
+        stated = batch["box"] if boxes is None else boxes
         turns = [pretrain_turn(e, a, torch.as_tensor(b), tuple(s), t, rng)
-                 for e, a, b, s, t in zip(batch["expression"], batch["attributes"], batch["box"],
+                 for e, a, b, s, t in zip(batch["expression"], batch["attributes"], stated,
                                           batch["original_size"], tasks)]
         ctx, ans = zip(*[prompts.conversation(q, a, self.config.system_prompt, self.config.image_after_prompt)
                          for q, a in turns])
@@ -444,6 +455,30 @@ class MllmPretrainer(nn.Module):
         hidden = self.llava.model.language_model(inputs_embeds=embeds,
                                                  attention_mask=enc.attention_mask).last_hidden_state
         return hidden, enc
+
+    def where_bin_logits(self, batch: dict[str, Any], bins: torch.Tensor) -> torch.Tensor:
+        """(B, 4) bins stated in the "where" answers -> (B, 4, 32) logits over the bin tokens at the positions that
+        predict them (the first question template; teacher-forced on `bins`)."""
+        boxes = [torch.tensor(bin_centres(b.tolist(), tuple(size))) for b, size in zip(bins, batch["original_size"])]
+        hidden, targets = self.answer_positions(*self.sequence_hidden(batch, ["where"] * len(bins), None, boxes))
+        # the four bin positions of each row, in order: a stable descending sort puts the bin targets first
+        at = torch.sort(torch.isin(targets, self.bin_ids).float(), dim=1, descending=True, stable=True).indices[:, :4]
+        picked = hidden[torch.arange(len(bins), device=hidden.device)[:, None], at]  # (B, 4, d)
+        return self.llava.get_output_embeddings()(picked)[..., self.bin_ids]
+
+    @torch.no_grad()
+    def decode_where_bins(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The LLaVA's own box for each row's "where" question, (B, 4) bins: the answer's fixed words ("Sure, the
+        bounding box is") given, each bin the argmax over the 32 bin tokens after the bins it chose before (greedy
+        decoding in four passes; the causal mask hides the placeholder bins after the one being chosen)."""
+        bins = torch.zeros(len(batch["expression"]), 4, dtype=torch.long)
+        for k in range(4):
+            bins[:, k] = self.where_bin_logits(batch, bins)[:, k].argmax(-1).cpu()
+        return bins
+
+    def where_answer_boxes(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, 4) the boxes of `decode_where_bins` (bin centres), normalised by each image's width/height."""
+        return (self.decode_where_bins(batch).float() + 0.5) / BOX_BINS  # the bins' centres, as `bin_centres`
 
     @property
     def image_token_id(self) -> int:
@@ -516,11 +551,13 @@ class MllmPretrainer(nn.Module):
     @torch.no_grad()
     def val_metrics(self, data: Dataset, batch_size: int = 16) -> dict[str, float]:
         """Answer-token accuracy (%) of "describe" and "where" questions, and the box read off the "where"
-        answer's four bins (teacher-forced, bin centres): mean IoU and accuracy@0.5 against the target's box.
-        Also the probe's box read at the "describe" answer's position that predicts "a" in "Sure, it is a ...", the
+        answer's four bins (teacher-forced, bin centres): mean IoU and accuracy@0.5 against the target's box; the
+        same of the box the LLaVA decodes itself (`decode_where_bins`, "where_free_*"), which the teacher-forced
+        figures bound from above. Also the probe's box read at the "describe" answer's position that predicts "a" in "Sure, it is a ...", the
         place of [SEG] in stage 2's semantic answer "Sure, it is [SEG]." (how much of the box stage 2 starts with)."""
         correct = {"describe": [0, 0], "where": [0, 0]}
         box_ious: list[float] = []
+        free_ious: list[float] = []
         probe_ious: list[float] = []
         seg_ious: list[float] = []
         article = self.tokenizer.convert_tokens_to_ids("a")
@@ -536,6 +573,7 @@ class MllmPretrainer(nn.Module):
                 if task == "where":
                     probe = _ordered(self.probe_boxes(hidden, targets)).cpu()
                     probe_ious += [box_iou(p.tolist(), g.tolist()) for p, g in zip(probe, gt)]
+                    free_ious += [box_iou(p.tolist(), g.tolist()) for p, g in zip(self.where_answer_boxes(batch), gt)]
                 else:  # the position predicting the answer's first "a" (the [SEG] slot of stage 2)
                     at = (targets == article).float().argmax(1)
                     seg = _ordered(self.box_probe(hidden[torch.arange(len(at)), at].float())).cpu()
@@ -556,6 +594,8 @@ class MllmPretrainer(nn.Module):
                 "where_token_acc": 100.0 * correct["where"][0] / max(1, correct["where"][1]),
                 "where_box_iou": 100.0 * float(np.mean(box_ious)),
                 "where_box_acc50": 100.0 * float(np.mean(np.asarray(box_ious) >= 0.5)),
+                "where_free_box_iou": 100.0 * float(np.mean(free_ious)),
+                "where_free_box_acc50": 100.0 * float(np.mean(np.asarray(free_ious) >= 0.5)),
                 "probe_box_iou": 100.0 * float(np.mean(probe_ious)),
                 "probe_box_acc50": 100.0 * float(np.mean(np.asarray(probe_ious) >= 0.5)),
                 "seg_slot_probe_box_iou": 100.0 * float(np.mean(seg_ious)),
@@ -725,15 +765,35 @@ def base_weights(profile: Profile, out: Path, seed: int, resume: bool, progress:
     return {k: profile.model.get(k) for k in ("sam_checkpoint", "llava_path", "tokenizer_path")}
 
 
-def evaluate_foundation(profile: Profile, out: Path, seed: int, weights: dict[str, str | None]) -> dict[str, Any]:
-    """Stages 0-1 (trained here or shipped) on this run's val splits: SAM with the ground-truth box and one point
-    per suite (next to filling the box), and the MLLM's answers. Cached in `<out>/stages/seed<k>/foundation_eval-*`."""
-    config = profile.model_config("glamm", seed)
+FOUNDATION_EVAL_VERSION = 2  # 2: the decoded "where" answers (`where_answer`); bump when the evaluation changes
+
+
+@torch.no_grad()
+def where_answer_figures(mllm: MllmPretrainer, data: Dataset, batch_size: int = 16) -> dict[str, float]:
+    """Box IoU, accuracy@0.5 and centre-in-GT (%) of the box the LLaVA decodes for each "where" question."""
+    pred, gt = [], []
+    for batch in batches(data, batch_size):
+        pred.append(mllm.where_answer_boxes(batch))
+        gt.append(normalised_boxes(batch, [True] * len(batch["box"])))
+    return box_figures(torch.cat(pred), torch.cat(gt))
+
+
+def foundation_eval_dir(profile: Profile, out: Path, seed: int, weights: dict[str, str | None]) -> Path:
+    """The `<out>/stages/seed<k>/foundation_eval-<fingerprint>` folder of these stage 0-1 weights."""
     local = {k: _relative(v, out) for k, v in weights.items()}
     stamps = {k: _file_stamp(v) for k, v in weights.items()}
     fp = profile.fingerprint("foundation_eval", local, stamps, profile.datasets, profile.eval_max_expressions,
-                             data_version(profile))
-    stage = _stage_dir(out, seed, "foundation_eval", fp)
+                             data_version(profile), FOUNDATION_EVAL_VERSION)
+    return _stage_dir(out, seed, "foundation_eval", fp)
+
+
+def evaluate_foundation(profile: Profile, out: Path, seed: int, weights: dict[str, str | None]) -> dict[str, Any]:
+    """Stages 0-1 (trained here or shipped) on this run's val splits: SAM with the ground-truth box and one point
+    per suite (next to filling the box), the MLLM's answers, and the box the LLaVA decodes for each "where"
+    question of the results files' val expressions. Cached in `foundation_eval_dir`."""
+    config = profile.model_config("glamm", seed)
+    local = {k: _relative(v, out) for k, v in weights.items()}
+    stage = foundation_eval_dir(profile, out, seed, weights)
     if (info := _done(stage)) is not None:
         return info
     stage.mkdir(parents=True, exist_ok=True)
@@ -752,7 +812,12 @@ def evaluate_foundation(profile: Profile, out: Path, seed: int, weights: dict[st
                      profile.diag_expressions or 48)
     answers = mllm.eval().val_metrics(val, profile.eval_batch_size)
     figures.update({f"mllm/{k}": v for k, v in answers.items() if "probe" not in k})  # probe not shipped
-    info = {"final_eval": figures, "weights": local, "foundation": profile.foundation}
+    # the LLaVA's own decoded "where" box on the expressions of the results files (the first of each val split):
+    # the box a reader of this LLaVA gets before stages 2-3 (`report.prompt_probe_table`)
+    where = {f"{spec.name}/val": where_answer_figures(mllm, Subset(WithTargetAttributes(ds), range(min(per, len(ds)))),
+                                                      profile.eval_batch_size)
+             for spec, ds in zip(profile.datasets, split_datasets(profile, root, prep, "val"))}
+    info = {"final_eval": figures, "where_answer": where, "weights": local, "foundation": profile.foundation}
     (stage / "DONE.json").write_text(json.dumps(info, indent=2))
     return info
 
