@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -477,7 +477,8 @@ class MllmPretrainer(nn.Module):
         return bins
 
     def where_answer_boxes(self, batch: dict[str, Any]) -> torch.Tensor:
-        """(B, 4) the boxes of `decode_where_bins` (bin centres), normalised by each image's width/height."""
+        """(B, 4) the boxes of `decode_where_bins` (bin centres), normalised by each image's width/height. Taken as
+        answered: corners in the wrong order are not swapped (such a box scores IoU 0)."""
         return (self.decode_where_bins(batch).float() + 0.5) / BOX_BINS  # the bins' centres, as `bin_centres`
 
     @property
@@ -552,9 +553,10 @@ class MllmPretrainer(nn.Module):
     def val_metrics(self, data: Dataset, batch_size: int = 16) -> dict[str, float]:
         """Answer-token accuracy (%) of "describe" and "where" questions, and the box read off the "where"
         answer's four bins (teacher-forced, bin centres): mean IoU and accuracy@0.5 against the target's box; the
-        same of the box the LLaVA decodes itself (`decode_where_bins`, "where_free_*"), which the teacher-forced
-        figures bound from above. Also the probe's box read at the "describe" answer's position that predicts "a" in "Sure, it is a ...", the
-        place of [SEG] in stage 2's semantic answer "Sure, it is [SEG]." (how much of the box stage 2 starts with)."""
+        same of the box the LLaVA decodes itself (`decode_where_bins`, "where_free_*"; the teacher-forced read gives
+        each bin the true bins before it, so it is the more optimistic of the two). Also the probe's box read at the
+        "describe" answer's position that predicts "a" in "Sure, it is a ...", the place of [SEG] in stage 2's
+        semantic answer "Sure, it is [SEG]." (how much of the box stage 2 starts with)."""
         correct = {"describe": [0, 0], "where": [0, 0]}
         box_ious: list[float] = []
         free_ious: list[float] = []
