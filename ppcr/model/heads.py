@@ -20,10 +20,17 @@ class SegPromptHead(nn.Sequential):
 
 
 class SoftTokenProjector(nn.Linear):
-    """P_seg_txt (B, C) -> (B, d): inserted in the spatial prompt in place of `[P_SEG]`."""
+    """P_seg_txt (B, C) -> (B, K, d): the input embeddings of the K `[P_SEG]` slots of the spatial prompt (K = 1 in
+    the paper; `PPCRConfig.soft_prompt_tokens`)."""
 
-    def __init__(self, prompt_dim: int, llm_dim: int):
-        super().__init__(prompt_dim, llm_dim)
+    def __init__(self, prompt_dim: int, llm_dim: int, tokens: int = 1):
+        if tokens < 1:
+            raise ValueError(f"the spatial prompt needs at least one soft-token slot, got {tokens}")
+        super().__init__(prompt_dim, tokens * llm_dim)
+        self.tokens, self.llm_dim = tokens, llm_dim
+
+    def forward(self, p_seg_txt: torch.Tensor) -> torch.Tensor:
+        return super().forward(p_seg_txt).view(-1, self.tokens, self.llm_dim)
 
 
 class MLPBoxHead(nn.Module):

@@ -107,9 +107,9 @@ def multimodal_embeddings(
     soft_tokens: torch.Tensor | None = None,
     soft_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Input embeddings (B, L, d) with image features (B, N_img, d) in the `<image>` slots and, when given, one
-    soft token (B, d) per row in the `soft_token_id` slot. `image_features` None: the ids hold no image slots
-    (the suffix of a cached prefix)."""
+    """Input embeddings (B, L, d) with image features (B, N_img, d) in the `<image>` slots and, when given, the soft
+    tokens (B, K, d) (or (B, d): K = 1) in each row's K `soft_token_id` slots, in order. `image_features` None: the
+    ids hold no image slots (the suffix of a cached prefix)."""
     embeds = llava.get_input_embeddings()(input_ids)  # (B, L, d)
     image_slots = (input_ids == image_token_id).unsqueeze(-1)
     if image_features is None:
@@ -118,10 +118,12 @@ def multimodal_embeddings(
     else:
         embeds = embeds.masked_scatter(image_slots, image_features.to(embeds.dtype))
     if soft_tokens is not None:
+        soft_tokens = soft_tokens[:, None] if soft_tokens.dim() == 2 else soft_tokens  # (B, K, d)
         soft_slots = input_ids == soft_token_id
-        if not bool((soft_slots.sum(dim=1) == 1).all()):
-            raise ValueError(f"every spatial prompt needs exactly one {prompts.PSEG_TOKEN} token")
-        embeds = embeds.masked_scatter(soft_slots.unsqueeze(-1), soft_tokens.to(embeds.dtype))
+        if not bool((soft_slots.sum(dim=1) == soft_tokens.shape[1]).all()):
+            raise ValueError(f"every spatial prompt needs exactly {soft_tokens.shape[1]} {prompts.PSEG_TOKEN} "
+                             "token(s), one per soft token")
+        embeds = embeds.masked_scatter(soft_slots.unsqueeze(-1), soft_tokens.contiguous().to(embeds.dtype))
     return embeds
 
 
@@ -251,8 +253,8 @@ class MultimodalLLM(nn.Module):
         """One LLM pass with LoRA `branch` active.
 
         encoded: the tokenised conversation (B rows); image_features: (N, N_img, d) per image, scattered into the
-        `<image>` slots of the rows on that image (`image_index`: (B,) values in [0, N)); soft_tokens: (B, d)
-        written into the `[P_SEG]` slot (one per row) when given.
+        `<image>` slots of the rows on that image (`image_index`: (B,) values in [0, N)); soft_tokens: (B, K, d)
+        written into the K `[P_SEG]` slots of each row when given.
         Returns the last-layer hidden state at the query position (B, d), the answer's next-token CE and, with
         `image_hidden`, the last-layer hidden states of the image tokens (B, N_img, d); None for what was not asked.
 

@@ -92,7 +92,10 @@ class PPCRModel(nn.Module):
         self.segmenter = segmenter
         d, c = mllm.hidden_size, config.sam_prompt_dim
         self.text_hidden_fcs = SegPromptHead(d, c)
-        self.seg_to_llm = SoftTokenProjector(c, d)
+        # variants without a soft token (glamm, spatial_re) never use the projection: one slot keeps their
+        # initialisation (and so stage 2's, which every variant starts from) independent of `soft_prompt_tokens`
+        slots = config.soft_prompt_tokens if config.spec.spatial_source in ("seg", "re_seg") else 1
+        self.seg_to_llm = SoftTokenProjector(c, d, slots)
         if config.spec.box_head == "attn":
             self.box_head: nn.Module = AttentionBoxHead(d, config.attn_box_dim, config.attn_box_layers,
                                                         config.attn_box_heads, config.attn_box_queries,
@@ -215,7 +218,7 @@ class PPCRModel(nn.Module):
                                                   cfg.image_after_prompt) for q in questions])
             return encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)
 
-        enc = encode([prompts.fill(t, e) for t, e in zip(chosen, expressions)])
+        enc = encode([prompts.fill(t, e, cfg.soft_prompt_tokens) for t, e in zip(chosen, expressions)])
         soft = None if source == "re" else self.seg_to_llm(p_seg_txt)
         distilling = self._distilling()
         p_seg_box, ce, image_hidden = self.mllm.run_branch("spatial", enc, image_features, image_index,

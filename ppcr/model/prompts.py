@@ -69,13 +69,14 @@ def check_expression(expression: str) -> str:
     return text
 
 
-def fill(template: str, expression: str | None = None) -> str:
+def fill(template: str, expression: str | None = None, soft_tokens: int = 1) -> str:
+    """The template with the expression in `{T}` and `soft_tokens` `[P_SEG]` slots in `{P}`."""
     out = template
     if "{T}" in out:
         if expression is None:
             raise ValueError(f"template needs an expression: {template!r}")
         out = out.replace("{T}", check_expression(expression))
-    return out.replace("{P}", PSEG_TOKEN)
+    return out.replace("{P}", " ".join([PSEG_TOKEN] * soft_tokens))
 
 
 def pick_template(templates: tuple[str, ...], rng: random.Random | None, eval_index: int) -> str:
