@@ -76,3 +76,16 @@ def test_variants_without_a_soft_token_start_the_same_whatever_k(variant):
     assert states[0].keys() == states[1].keys()
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
+
+
+def test_a_model_without_a_soft_token_switched_to_the_oracle_still_runs():
+    """Stage 3's diagnostics score spatial_re's weights as `gt_box_oracle` (a soft-token variant): the spatial
+    prompt then has as many slots as the model's projection fills, not as the config asks."""
+    from test_model import WORDS, make_batch
+
+    torch.manual_seed(0)
+    model = PPCRModel.build(tiny_config(variant="spatial_re", soft_prompt_tokens=4), extra_words=WORDS).eval()
+    model.config = model.config.replace(variant="gt_box_oracle")
+    with torch.no_grad():
+        out = model(make_batch(model), compute_loss=False)
+    assert out.stages.p_seg_box is not None

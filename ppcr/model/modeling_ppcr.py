@@ -218,7 +218,9 @@ class PPCRModel(nn.Module):
                                                   cfg.image_after_prompt) for q in questions])
             return encode_pass(self.tokenizer, ctx, ans, prompts.BOX_TOKEN, image_features.shape[1]).to(self.device)
 
-        enc = encode([prompts.fill(t, e, cfg.soft_prompt_tokens) for t, e in zip(chosen, expressions)])
+        # as many [P_SEG] slots as the projection fills (1 for a model built without a soft token, e.g. spatial_re
+        # switched to the oracle for its diagnostics)
+        enc = encode([prompts.fill(t, e, self.seg_to_llm.tokens) for t, e in zip(chosen, expressions)])
         soft = None if source == "re" else self.seg_to_llm(p_seg_txt)
         distilling = self._distilling()
         p_seg_box, ce, image_hidden = self.mllm.run_branch("spatial", enc, image_features, image_index,
