@@ -175,7 +175,7 @@ def prompt_probe_table(study: Study) -> Table:
     """Per val split: the box an MLP probe reads off ppcr's P_seg_txt alone (`ppcr.training.prompt_probe`) beside
     the boxes of ppcr and spatial_re on the same expressions; mean (std) over the seeds that have a probe."""
     probes = study.prompt_probe()
-    answers = {seed: info.get("where_answer", {}) for seed, info in study.foundation_eval().items()}
+    answers = study.where_answers()
     rows = []
     keys = [k for k in study.keys if any(k in p["splits"] for p in probes.values())]
     for key in keys:

@@ -32,7 +32,7 @@ def _first_split_keys(study: Study) -> list[str]:
 def status_table(study: Study) -> Table:
     """One row per dataset (its val split): mIoU of GLaMM, PPCR and the oracle, PPCR's box accuracy, box filling."""
     shown = [v for v in STATUS_VARIANTS if v in study.results]
-    answers = [info.get("where_answer", {}) for info in study.foundation_eval().values()]
+    answers = list(study.where_answers().values())
     rows = []
     for key in _first_split_keys(study):
         row: dict[str, Any] = {"split": key}

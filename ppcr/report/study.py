@@ -71,24 +71,26 @@ class Study:
     def rows(self, variant: str, key: str, seed: int) -> list[dict[str, Any]]:
         return self.results.get(variant, {}).get(seed, {}).get("rows", {}).get(key, [])
 
-    def prompt_probe(self) -> dict[int, dict[str, Any]]:
-        """seed -> the results of `ppcr.training.prompt_probe` for that seed's ppcr (empty for a study without)."""
-        keep = self.seeds
-        out = {}
-        for seed_text, rel in self.index.get("prompt_probe", {}).items():
+    def _indexed_json(self, key: str) -> dict[int, dict[str, Any]]:
+        """seed -> the JSON file study.json lists under `key` for that seed (seeds of this study, files present)."""
+        keep, out = self.seeds, {}
+        for seed_text, rel in self.index.get(key, {}).items():
             path = self.run_dir / rel
             if int(seed_text) in keep and path.is_file():
                 out[int(seed_text)] = json.loads(path.read_text())
         return out
 
+    def prompt_probe(self) -> dict[int, dict[str, Any]]:
+        """seed -> the results of `ppcr.training.prompt_probe` for that seed's ppcr (empty for a study without)."""
+        return self._indexed_json("prompt_probe")
+
     def foundation_eval(self) -> dict[int, dict[str, Any]]:
         """seed -> the DONE.json of the stage 0-1 evaluation on this run's val splits (empty for a study without)."""
-        out = {}
-        for seed_text, rel in self.index.get("foundation_eval", {}).items():
-            path = self.run_dir / rel
-            if int(seed_text) in self.seeds and path.is_file():
-                out[int(seed_text)] = json.loads(path.read_text())
-        return out
+        return self._indexed_json("foundation_eval")
+
+    def where_answers(self) -> dict[int, dict[str, dict[str, float]]]:
+        """seed -> {"<dataset>/val": box figures} of the foundation LLaVA's decoded "where" answers (empty without)."""
+        return {seed: info["where_answer"] for seed, info in self.foundation_eval().items() if "where_answer" in info}
 
     def checkpoint(self, variant: str, seed: int | None = None) -> str | None:
         by_seed = self.results.get(variant, {})
