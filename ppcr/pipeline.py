@@ -198,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     add_repository_arguments(parser)  # book: the repository its buttons link to
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input or an unusable checkpoint: one line, no traceback
+        if os.environ.get("PPCR_DEBUG"):
+            raise
+        print(f"python -m ppcr.pipeline {args.what}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, {"data_root": args.data_root, "foundation": args.foundation})
     out = Path(args.out or f"runs/{profile.name}")
     progress = not args.no_progress

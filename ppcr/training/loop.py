@@ -4,7 +4,9 @@
 - Deterministic: the data order is a function of (seed, epoch) and the RNGs are re-seeded at every step from
   (seed, step), so a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
 - Checkpoints every `checkpoint_every` steps and at the end, written atomically (a new folder swapped in by
-  rename); `resume=True` continues from the last one.
+  rename); `resume=True` continues from the last one. The tensors a checkpoint holds are the stage's trained set,
+  decided once when the stage starts (what requires grad then), whatever a pass or an evaluation toggles later; a
+  checkpoint whose tensors are not exactly that set is refused, never half-loaded.
 - Logs every loss term and the learning rate to `log.csv` and TensorBoard; tqdm shows progress.
 - Optionally evaluates on held-out data every `eval_every` steps and at the end (`evaluate`), logging the figures
   to `eval.csv` and TensorBoard (`<desc>/val_<name>`), so every stage shows whether and how fast it learns.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 import resource
@@ -31,8 +32,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-# A hook for the resume test: stop the process hard right after this optimisation step (as a crash would).
+# A hook for the resume tests: stop the process hard right after this optimisation step (as a kill would), in any
+# stage ("4") or only in the stage whose folder is named <stage>-<fingerprint> ("ppcr:4", "sam_pretrain:6").
 CRASH_ENV = "PPCR_CRASH_AFTER_STEP"
+
+
+def crash_step(out: Path) -> int:
+    """The step after which `CRASH_ENV` asks the stage in `out` to die (0: never)."""
+    value = os.environ.get(CRASH_ENV, "")
+    stage, _, step = value.rpartition(":")
+    if not step or (stage and not out.name.startswith(f"{stage}-")):
+        return 0
+    return int(step)
 
 
 @dataclass
@@ -115,8 +126,15 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
 
 
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in module.named_parameters() if p.requires_grad}
+def trained_names(module: nn.Module) -> list[str]:
+    """The names of the parameters a stage trains: those that require grad when it starts."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+def trainable_state(module: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of the parameters `names` (default: those that require grad now)."""
+    wanted = set(trained_names(module) if names is None else names)
+    return {n: p.detach().cpu().contiguous().clone() for n, p in module.named_parameters() if n in wanted}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -144,19 +162,27 @@ def _make_accelerator(cfg: LoopConfig):
     return Accelerator(**kwargs)
 
 
-class Checkpointer:
-    """`<out>/checkpoint/`: trainable weights (safetensors), optimizer/scheduler state, trainer_state.json."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot continue this stage (another stage's, incomplete or corrupt)."""
 
-    def __init__(self, out_dir: Path):
+
+class Checkpointer:
+    """`<out>/checkpoint/`: the trained weights (safetensors), optimizer/scheduler state, trainer_state.json.
+
+    `names` is the stage's trained set (`trained_names` at its start): every checkpoint holds exactly these tensors,
+    and `load` refuses one that does not, so a resumed stage never continues with part of its state reset."""
+
+    def __init__(self, out_dir: Path, names: list[str]):
         self.dir = out_dir / "checkpoint"
+        self.names = list(names)
 
     def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> None:
         tmp = self.dir.with_name(f"checkpoint.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(module, self.names), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tensors": len(self.names)}))
         old = self.dir.with_name("checkpoint.old")
         shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
@@ -171,21 +197,39 @@ class Checkpointer:
         return None
 
     def load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+        """Restore the latest checkpoint into `module`, `optimizer` and `scheduler`; its step (0: none)."""
         src = self.latest()
         if src is None:
             return 0
-        weights = load_file(str(src / "trainable.safetensors"))
+        stage = self.dir.parent
+        remedy = f"delete {stage} to train this stage from its start"
+        try:
+            weights = load_file(str(src / "trainable.safetensors"))
+            state = torch.load(src / "optim.pt", map_location="cpu", weights_only=True)
+            step = int(json.loads((src / "trainer_state.json").read_text())["step"])
+        except Exception as err:  # noqa: BLE001 - any unreadable part makes the whole checkpoint unusable
+            raise CheckpointError(f"checkpoint {src} cannot be read ({type(err).__name__}: {err}); {remedy}") from err
+        missing = [n for n in self.names if n not in weights]
+        unexpected = [n for n in weights if n not in set(self.names)]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {src} does not hold this stage's trained tensors ({len(missing)} missing, e.g. "
+                f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): another stage's or an "
+                f"incomplete one; {remedy}")
         params = dict(module.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-        if missing:
-            raise ValueError(f"checkpoint {src} lacks trainable tensors {missing[:3]}: not from this stage")
         with torch.no_grad():
             for name, value in weights.items():
+                if params[name].shape != value.shape:
+                    raise CheckpointError(f"checkpoint {src}: {name} has shape {tuple(value.shape)}, the model "
+                                          f"{tuple(params[name].shape)}; {remedy}")
                 params[name].copy_(value)
-        state = torch.load(src / "optim.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        return int(json.loads((src / "trainer_state.json").read_text())["step"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {src}: its optimizer state does not fit this stage ({err}); "
+                                  f"{remedy}") from err
+        return step
 
 
 StepFn = Callable[[nn.Module, dict[str, Any], random.Random], dict[str, torch.Tensor]]
@@ -230,14 +274,18 @@ def train_loop(
     if not groups:
         raise ValueError("nothing to train: no parameter requires grad")
     params = [p for g in groups for p in g["params"]]
+    trained = trained_names(module)  # decided once: every checkpoint of this stage holds exactly these
     logged_group = next((i for i, g in enumerate(groups) if g["lr"] == cfg.lr), 0)  # the log's "lr": cfg.lr's
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_decay(s, cfg.warmup_steps, cfg.steps))
-    checkpointer = Checkpointer(out)
+    checkpointer = Checkpointer(out, trained)
     start = checkpointer.load(module, optimizer, scheduler) if resume else 0
-    if start >= cfg.steps:
-        raise ValueError(f"{out} already finished ({start} of {cfg.steps} steps); nothing to resume")
+    if start > cfg.steps:
+        raise CheckpointError(f"checkpoint of {out} is at step {start}, past this stage's {cfg.steps} steps: "
+                              f"another recipe's; delete {out} to train this stage from its start")
+    # start == cfg.steps: stopped after the last checkpoint, before the stage's outputs were written; the loop
+    # below runs no step and the result is read back from the logs
 
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.steps * cfg.grad_accum, cfg.seed,
                                start_batch=start * cfg.grad_accum)
@@ -252,7 +300,7 @@ def train_loop(
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None)
-    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    crash_at = crash_step(out)
     model.train()
     t0 = time.perf_counter()
     samples = 0
@@ -288,7 +336,7 @@ def train_loop(
         bar.set_postfix(loss=f"{row['total']:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
         if evaluate is not None and ((eval_every and step % eval_every == 0) or step == cfg.steps):
-            figures = _run_evaluation(evaluate, accelerator.unwrap_model(model))
+            figures = run_evaluation(evaluate, accelerator.unwrap_model(model))
             eval_history.append({"step": step, **figures})
             for k, v in figures.items():
                 writer.add_scalar(f"{desc}/val_{k}", v, step)
@@ -318,10 +366,13 @@ def train_loop(
     return result
 
 
-def _run_evaluation(evaluate: EvalFn, module: nn.Module) -> dict[str, float]:
-    """Held-out figures of `module` in eval mode without gradients; the training mode and RNGs are restored."""
+def run_evaluation(evaluate: EvalFn, module: nn.Module) -> dict[str, float]:
+    """Held-out figures of `module` in eval mode without gradients. The module is left as it was found: its
+    training mode, the RNG and every parameter's `requires_grad` (an evaluation that switches peft adapters turns
+    the other adapter's flags off)."""
     was_training = module.training
     rng_state = torch.get_rng_state()
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
     module.eval()
     try:
         with torch.no_grad():
@@ -329,6 +380,8 @@ def _run_evaluation(evaluate: EvalFn, module: nn.Module) -> dict[str, float]:
     finally:
         module.train(was_training)
         torch.set_rng_state(rng_state)
+        for n, p in module.named_parameters():
+            p.requires_grad_(flags[n])
     return figures
 
 
@@ -353,9 +406,3 @@ def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
     for r in rows:
         r["step"] = int(r["step"])
     return rows
-
-
-def mean_loss(history: list[dict[str, float]], key: str = "total", first: bool = True, n: int = 3) -> float:
-    rows = history[:n] if first else history[-n:]
-    vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
-    return sum(vals) / max(1, len(vals))
