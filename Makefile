@@ -6,6 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
 OUTDIR ?= runs/$(PROFILE)
+# the paper profile's local inputs: `make book PROFILE=paper DATA=<REFER root> LLAVA=<llava-1.5-7b-hf> SAM=<.pth>`
+DATA ?=
+LLAVA ?=
+SAM ?=
+PAPER_ARGS := $(if $(DATA),--data-root $(DATA)) $(if $(LLAVA),--llava-path $(LLAVA)) $(if $(SAM),--sam-checkpoint $(SAM))
 # The public repository the book links to (repository/issues buttons, Binder and Colab launch buttons). A
 # placeholder until the project has a public URL: `make book REPO_URL=https://github.com/<owner>/<repo>`. The Colab
 # cell of each notebook repeats it (tests/test_publish.py checks they agree).
@@ -29,10 +34,10 @@ test: install
 	$(PY) -m pytest -q tests
 
 data: install
-	$(PY) -m ppcr.pipeline data --profile $(PROFILE) --out $(OUTDIR)
+	$(PY) -m ppcr.pipeline data --profile $(PROFILE) --out $(OUTDIR) $(PAPER_ARGS)
 
 book: install
-	$(PY) -m ppcr.pipeline book --profile $(PROFILE) --out $(OUTDIR) --repo-url $(REPO_URL) --repo-branch $(REPO_BRANCH)
+	$(PY) -m ppcr.pipeline book --profile $(PROFILE) --out $(OUTDIR) $(PAPER_ARGS) --repo-url $(REPO_URL) --repo-branch $(REPO_BRANCH)
 
 # Push the built book (_build/html, from `make book`) to the gh-pages branch of `origin`, by hand; CI deploys it
 # with .github/workflows/book.yml instead.

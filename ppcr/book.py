@@ -16,13 +16,18 @@ copy of the config, `_build/_config.effective.yml`, and `_config.yml` itself is 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from ppcr.paths import REPO_ROOT, repo_relative
-from ppcr.training.profile import Profile
+import papermill as pm
+import yaml
+
+from ppcr import report
+from ppcr.recipe.profile import Profile
+from ppcr.report.paths import REPO_ROOT, repo_relative
 
 KERNEL = "python3"
 BOOK_SOURCES = ("_toc.yml", "*.md")  # what a copy of the book folder needs (the notebooks are executed into it)
@@ -65,7 +70,6 @@ def copy_book_sources(dest: str | Path, book_dir: str | Path = "book", config: s
 def execute_notebooks(profile: str, run_dir: Path, book_dir: Path, notebooks_dir: Path,
                       progress: bool = True, parameters: dict | None = None) -> list[Path]:
     """Run every notebook with papermill into `book_dir`; raises BookBuildError naming a failing notebook."""
-    import papermill as pm
 
     notebooks = sorted(notebooks_dir.glob("[0-9]*.ipynb"))
     if not notebooks:
@@ -96,8 +100,6 @@ STATUS_PAGE = "_status.md"  # included by intro.md; written at every build, not 
 
 def write_status(run_dir: Path, book_dir: Path) -> Path:
     """The front page's status block (`report.status_markdown`) for the study in `run_dir`, as `book_dir/_status.md`."""
-    from ppcr import report
-
     out = book_dir / STATUS_PAGE
     out.write_text(report.status_markdown(report.load_study(run_dir)))
     return out
@@ -108,7 +110,6 @@ def effective_config(config: Path, repo_url: str | None = None, repo_branch: str
     (written to `_build/_config.effective.yml` next to `config`)."""
     if repo_url is None and repo_branch is None:
         return config
-    import yaml
 
     data = yaml.safe_load(config.read_text()) or {}
     repository = dict(data.get("repository") or {})
@@ -178,7 +179,6 @@ def broken_internal_links(html_dir: str | Path) -> list[str]:
     External links (with a scheme or `//`), in-page anchors, `mailto:` and `data:` are skipped; a link's `#fragment`
     and `?query` are dropped before the file is looked up. Files under `_static/` and `_sources/` are the theme's
     assets and page sources (some are Jinja templates the theme ships unrendered), not pages of the site."""
-    import re
     from urllib.parse import unquote, urlsplit
 
     root = Path(html_dir).resolve()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import sys
 
 # sub-command -> (module, help). The module provides `add_arguments(parser)` and `run(args) -> int`.
@@ -12,9 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ppcr.data.synref", "generate a SynRef suite in the REFER layout"),
     "convert-refs": ("ppcr.data.refer", "convert a REFER refs(<splitBy>).p pickle to JSON, safely"),
     "train": ("ppcr.training.train", "train one variant at a profile"),
-    "evaluate": ("ppcr.training.evaluate", "evaluate a variant and write results.json"),
-    "predict": ("ppcr.training.predict", "segment one image from an expression and save an overlay"),
-    "bench": ("ppcr.bench", "measure throughput, latency and memory"),
+    "evaluate": ("ppcr.evaluation.evaluate", "evaluate a variant and write results.json"),
+    "predict": ("ppcr.evaluation.predict", "segment one image from an expression and save an overlay"),
+    "convert": ("ppcr.model.convert_glamm", "convert GLaMM's released weights into stage 3's starting checkpoint"),
+    "bench": ("ppcr.perf.bench", "measure throughput, latency and memory"),
 }
 
 
@@ -27,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:  # a stage not written yet: say so instead of crashing
-            if err.name and err.name.startswith("ppcr"):
-                p.set_defaults(_missing=f"`ppcr {name}` is not available in this version ({err.name} missing)")
-                continue
-            raise
+        module = importlib.import_module(module_name)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -42,11 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "_missing", None):
-        parser.error(args._missing)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:  # bad input: one line, no traceback
         if os.environ.get("PPCR_DEBUG"):
             raise
         print(f"ppcr {args.command}: error: {err}", file=sys.stderr)

@@ -21,8 +21,17 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ppcr.book import add_repository_arguments
-from ppcr.training.profile import Profile, load_profile
+import torch
+
+from ppcr.book import add_repository_arguments, build
+from ppcr.evaluation.evaluate import evaluate_model, load_for_evaluation
+from ppcr.evaluation.foundation_eval import evaluate_foundation, foundation_eval_dir
+from ppcr.evaluation.prompt_probe import PROBE_VERSION, run_prompt_probe
+from ppcr.provenance import git_commit
+from ppcr.recipe.profile import Profile, load_profile
+from ppcr.training.data import data_root, prepare_data
+from ppcr.training.ris import base_weights, sam_cache_for, train_variant
+from ppcr.training.stage import stage_summaries
 
 
 def results_path(out: Path, variant: str, seed: int) -> Path:
@@ -33,9 +42,6 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
     """Train (cached) and evaluate every variant of the profile for every seed; the oracle from `ppcr`.
 
     With `profile.seed_workers` > 1 the seeds run in that many processes at once (`_study_seed` in each)."""
-    from ppcr.training.evaluate import git_commit
-    from ppcr.training.stages import prepare_data, stage_summaries
-
     out = Path(out)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -83,20 +89,20 @@ def _evaluated(profile: Profile) -> list[str]:
 
 
 def _set_threads(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
 def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: bool) -> dict[str, Any]:
     """One seed of the study: every variant trained (cached) and evaluated, then the P_seg_txt probe. Returns the
     results files (relative to `out`), the probe's file and the wall time of each step."""
-    from ppcr.training.evaluate import evaluate_model, load_for_evaluation
-    from ppcr.training.stages import data_root, sam_cache_for, train_variant
-
     results: dict[str, str] = {}
     timings: dict[str, float] = {}
     checkpoints: dict[str, Path] = {}
+    if profile.data_kind == "synref" and profile.diag_expressions:  # stages 0-1 on this run's val splits
+        tic = time.perf_counter()
+        prepare_data(profile, out, progress)
+        evaluate_foundation(profile, out, seed, base_weights(profile, out, seed, resume, progress))
+        timings[f"foundation_eval/seed{seed}"] = time.perf_counter() - tic
     for variant in _evaluated(profile):
         tic = time.perf_counter()
         ckpt = checkpoints[variant] = train_variant(profile, out, variant, seed, resume=resume, progress=progress)
@@ -107,7 +113,7 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
             model = load_for_evaluation(ckpt, variant, profile.device)
             evaluate_model(model, data_root(profile, out), profile.datasets, target,
                            batch_size=profile.eval_batch_size, max_expressions=profile.eval_max_expressions,
-                           sam_cache=sam_cache_for(model, out), progress=progress,
+                           sam_cache=sam_cache_for(model, out, profile), progress=progress,
                            meta={"profile": profile.name, "checkpoint": str(ckpt)})
         timings[f"evaluate/{variant}/seed{seed}"] = time.perf_counter() - tic
         results[variant] = str(target.relative_to(out))
@@ -122,8 +128,6 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
 
 def _foundation_eval(profile: Profile, out: Path, seed: int) -> str | None:
     """The DONE.json of the stage 0-1 evaluation this seed's training wrote (relative to `out`), if any."""
-    from ppcr.training.stages import base_weights, foundation_eval_dir
-
     if profile.data_kind != "synref" or not profile.diag_expressions:
         return None
     done = foundation_eval_dir(profile, out, seed, base_weights(profile, out, seed, True, False)) / "DONE.json"
@@ -131,12 +135,8 @@ def _foundation_eval(profile: Profile, out: Path, seed: int) -> str | None:
 
 
 def run_probe(profile: Profile, out: Path, seed: int, checkpoint: Path, progress: bool = True) -> Path:
-    """`results/prompt_probe/seed<k>.json`: how much of the box ppcr's P_seg_txt holds (ppcr.training.prompt_probe),
+    """`results/prompt_probe/seed<k>.json`: how much of the box ppcr's P_seg_txt holds (ppcr.evaluation.prompt_probe),
     on the expressions of its results files; reused while the checkpoint is unchanged."""
-    from ppcr.training.evaluate import load_for_evaluation
-    from ppcr.training.prompt_probe import PROBE_VERSION, run_prompt_probe
-    from ppcr.training.stages import data_root
-
     target = out / "results" / "prompt_probe" / f"seed{seed}.json"
     current = _is_current(target, checkpoint) and \
         json.loads(target.read_text())["meta"].get("version") == PROBE_VERSION
@@ -181,8 +181,6 @@ def _is_current(results: Path, checkpoint: Path) -> bool:
 def build_book(profile: Profile, out: Path, progress: bool = True, repo_url: str | None = None,
                repo_branch: str | None = None) -> int:
     """The notebooks -> Jupyter Book step of `make book`, on the study in `out`."""
-    from ppcr.book import build
-
     return build(profile, out, progress=progress, repo_url=repo_url, repo_branch=repo_branch)
 
 
@@ -192,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=("data", "study", "book"))
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--out", help="run folder (default runs/<profile>)")
-    parser.add_argument("--data-root")
+    parser.add_argument("--data-root", help="root of the REFER layout (the paper profile)")
+    parser.add_argument("--llava-path", help="local llava-hf/llava-1.5-7b-hf folder (the paper profile)")
+    parser.add_argument("--sam-checkpoint", help="local sam_vit_h_4b8939.pth (the paper profile)")
     parser.add_argument("--foundation", choices=("train", "shipped"),
                         help="stages 0-1: train them in this run, or start from the shipped weights (profile default)")
     parser.add_argument("--no-progress", action="store_true")
@@ -209,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, {"data_root": args.data_root, "foundation": args.foundation})
+    for key, value in (("llava_path", args.llava_path), ("sam_checkpoint", args.sam_checkpoint)):
+        if value:
+            profile.model[key] = str(Path(value).resolve())
+    if args.what != "data":
+        profile.check_weight_paths()  # before any data or training: the paper profile needs its weights
     out = Path(args.out or f"runs/{profile.name}")
     progress = not args.no_progress
     if args.what == "data":
-        from ppcr.training.stages import prepare_data
-
         print(prepare_data(profile, out, progress))
         return 0
     study = run_study(profile, out, progress=progress)

@@ -11,6 +11,7 @@ are drawn with solid lines, ground truth with dashed lines.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -286,7 +287,7 @@ def breakdown_plot(rows: Iterable[Mapping[str, Any]] | Any, value: str = "mIoU",
 def _heat_strip(ax: Axes, vector: np.ndarray | None, name: str) -> None:
     """A (1, D) heat strip of a prompt vector, or a note when the stage did not run."""
     if vector is None:
-        blank_panel(ax, f"{name}: n/a (no spatial stage)")
+        blank_panel(ax, f"{name}: n/a (no spatial step)")
         return
     v = np.asarray(vector, dtype=np.float32).reshape(1, -1)
     ax.imshow(v, aspect="auto", cmap="coolwarm", interpolation="nearest")
@@ -306,7 +307,7 @@ def stage_panel(image: np.ndarray, prediction: Mapping[str, Any], gt_mask: np.nd
     ax_box, ax_mask = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_txt, ax_sp = fig.add_subplot(grid[1, :]), fig.add_subplot(grid[2, :])
     box = prediction.get("box")
-    box_title = "stage 2: box" if box is not None else "stage 2: no box (variant without spatial stage)"
+    box_title = "step 2: box" if box is not None else "step 2: no box (variant without a spatial step)"
     overlay(image, box=box, gt_box=gt_box, ax=ax_box, title=box_title)
     overlay(image, mask=prediction.get("mask"), gt_mask=gt_mask, ax=ax_mask,
             title=f"stage 3: mask (score {float(prediction.get('score', float('nan'))):.3f})")
@@ -320,6 +321,5 @@ def stage_panel(image: np.ndarray, prediction: Mapping[str, Any], gt_mask: np.nd
 
 def _wrap(text: str, width: int) -> str:
     """Wrap a caption on word boundaries."""
-    import textwrap
 
     return "\n".join(textwrap.wrap(str(text), width)) if text else ""

@@ -1,4 +1,4 @@
-"""`ppcr bench` at the tiny preset, the analytic FLOP accounting (`ppcr.flops`), and the output equality of the
+"""`ppcr bench` at the tiny preset, the analytic FLOP accounting (`ppcr.perf.flops`), and the output equality of the
 batched evaluation path (one batch == one by one, grouped images == each alone, SDPA == eager, bench == predict)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ppcr import flops  # noqa: E402
-from ppcr.bench import WORDS, Workload, evaluate_workload, make_expressions  # noqa: E402
+from ppcr.perf import flops  # noqa: E402
+from ppcr.perf.bench import WORDS, Workload, evaluate_workload, make_expressions  # noqa: E402
 from ppcr.cli import main  # noqa: E402
 from ppcr.model.config import paper_config, tiny_config  # noqa: E402
 from ppcr.model.modeling_ppcr import PPCRModel  # noqa: E402
@@ -129,10 +129,10 @@ def test_stage_flops_match_torch_flop_counter(model, images):
         n, emb = count(lambda: model.segmenter.encode_images(sam_in[None]))
         assert n == flops.sam_encoder_flops(cfg.sam)
         expr = make_expressions(1, 3)
-        n, (p_seg, _, _) = count(lambda: model.semantic_stage(feats, torch.tensor([0]), expr, None))
+        n, (p_seg, _, _) = count(lambda: model.semantic_step(feats, torch.tensor([0]), expr, None))
         (length,), _ = flops.pass_lengths(cfg, model.tokenizer, expr)
         assert n == flops.llama_pass_flops(cfg.text, length, cfg.lora.r) + flops.prompt_heads_flops(cfg, False)
-        n, _ = count(lambda: model.spatial_stage(feats, torch.tensor([0]), expr, p_seg, None))
+        n, _ = count(lambda: model.spatial_step(feats, torch.tensor([0]), expr, p_seg, None))
         _, (length2,) = flops.pass_lengths(cfg, model.tokenizer, expr)
         expected = flops.llama_pass_flops(cfg.text, length2, cfg.lora.r) + flops.box_head_flops(cfg) \
             + flops.linear(1, cfg.sam_prompt_dim, cfg.text.hidden_size)  # the soft-token projector
@@ -146,7 +146,7 @@ def test_stage_flops_match_torch_flop_counter(model, images):
 
 
 def test_cached_pass_flops_match_counter(model, images):
-    """With the prefix cache, 3 expressions of one image cost one prefix plus 3 suffixes, as `ppcr.flops` counts
+    """With the prefix cache, 3 expressions of one image cost one prefix plus 3 suffixes, as `ppcr.perf.flops` counts
     (expressions of equal token length, so no padding is computed)."""
     cfg = model.config
     expr = ["red man left", "blue dog top", "green cup near"]
@@ -157,10 +157,10 @@ def test_cached_pass_flops_match_counter(model, images):
     index = torch.zeros(3, dtype=torch.long)
     with torch.no_grad():
         feats = model.mllm.image_features(model.image_prep().clip(images[0])[None])
-        n, (p_seg, _, _) = count(lambda: model.semantic_stage(feats, index, expr, None))
+        n, (p_seg, _, _) = count(lambda: model.semantic_step(feats, index, expr, None))
         expected = 3 * flops.llama_cached_pass_flops(cfg.text, p1, len1[0], cfg.lora.r, 3)
         assert n == pytest.approx(expected + 3 * flops.prompt_heads_flops(cfg, False), rel=1e-12)
-        n, _ = count(lambda: model.spatial_stage(feats, index, expr, p_seg, None))
+        n, _ = count(lambda: model.spatial_step(feats, index, expr, p_seg, None))
         expected = 3 * (flops.llama_cached_pass_flops(cfg.text, p2, len2[0], cfg.lora.r, 3)
                         + flops.box_head_flops(cfg) + flops.linear(1, cfg.sam_prompt_dim, cfg.text.hidden_size))
         assert n == pytest.approx(expected, rel=1e-12)

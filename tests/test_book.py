@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from ppcr import report
 from ppcr.book import broken_internal_links, build, copy_book_sources
 from ppcr.metrics import box_centre_in
 from ppcr.pipeline import run_study
-from ppcr.training.profile import load_profile
+from ppcr.recipe.profile import load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
@@ -332,3 +333,5 @@ def test_status_block_says_what_is_reproduced_and_what_is_not(smoke_run: Path) -
     assert any("Spatial grounding" in n for n in notes) == (ppcr_acc < report.GROUNDED_BOX_ACC)
     text = report.status_markdown(study)
     assert text.count("\n| ") == len(table.rows) + 2 and "smoke" in text
+    # nothing in it reads as an HTML tag (the caption's "where is <the expression>?" was dropped by the renderer)
+    assert "where is &lt;the expression&gt;?" in text and not re.search(r"<[A-Za-z/][^>]*>", text)

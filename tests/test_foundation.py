@@ -22,8 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ppcr.data.synref import generate_suite  # noqa: E402
 from ppcr.data.dataset import ReferSegDataset  # noqa: E402
 from ppcr.data.refer import Refer  # noqa: E402
-from ppcr.foundation import (REGENERATE, FoundationMismatch, config_signature, foundation_dir,  # noqa: E402
-                             load_manifest, sha256, shipped_weights, train_foundation, verify_foundation)
+from ppcr.foundation.recipe import train_foundation  # noqa: E402
+from ppcr.model.shipped import (REGENERATE, FoundationMismatch, config_signature, foundation_dir,  # noqa: E402
+                                load_manifest, sha256, shipped_weights, verify_foundation)
 from ppcr.metrics import mask_iou  # noqa: E402
 from ppcr.model.config import preset_config  # noqa: E402
 from ppcr.model.modeling_ppcr import image_prep_for  # noqa: E402
@@ -89,7 +90,7 @@ def test_mismatches_are_refused_with_the_regenerate_command(tmp_path):
 
 def test_train_foundation_writes_a_verifiable_manifest(tmp_path):
     """The regenerate command's code path at the smoke profile (tiny preset, seconds)."""
-    from ppcr.training.profile import load_profile
+    from ppcr.recipe.profile import load_profile
 
     dest = tmp_path / "shipped"
     manifest = train_foundation(tmp_path / "run", dest, "smoke", progress=False)
@@ -162,15 +163,17 @@ def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp
     import yaml
     from safetensors.torch import load_file
 
-    import ppcr.foundation as foundation
-    from ppcr.training.profile import load_profile
+    import ppcr.foundation.recipe as recipe
+    import ppcr.model.shipped as shipped
+    from ppcr.recipe.profile import load_profile
 
-    raw = yaml.safe_load((Path(foundation.__file__).parent / "training" / "profiles" / "smoke.yaml").read_text())
+    raw = yaml.safe_load((Path(shipped.__file__).parents[1] / "recipe" / "profiles" / "smoke.yaml").read_text())
     with_1a = {**raw, "stages": {**raw["stages"], "vision_pretrain": {"steps": 3, "batch_size": 4, "warmup_steps": 1}}}
     (tmp_path / "smoke_1a.yaml").write_text(yaml.safe_dump(with_1a))
     first = tmp_path / "first"  # with a stage 1a, whose record the continued LLaVA keeps
     train_foundation(tmp_path / "run1", first, str(tmp_path / "smoke_1a.yaml"), progress=False)
-    monkeypatch.setattr(foundation, "foundation_dir", lambda: first)  # "the shipped foundation" of this test
+    for module in (shipped, recipe):  # "the shipped foundation" of this test
+        monkeypatch.setattr(module, "foundation_dir", lambda: first)
     raw["stages"]["sam_pretrain"] = {"init": "shipped"}
     raw["stages"]["mllm_pretrain"].update(init="shipped", probe_positions="all", probe_weight=5.0, probe_giou=False)
     profile_path = tmp_path / "smoke_stage1.yaml"
@@ -194,7 +197,8 @@ def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp
         manifest["stages"]["mllm_pretrain"]["eval_history"])
     before, after = (load_file(str(d / "llava" / "model.safetensors")) for d in (first, second))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
-    monkeypatch.setattr(foundation, "foundation_dir", lambda: second)
+    for module in (shipped, recipe):
+        monkeypatch.setattr(module, "foundation_dir", lambda: second)
     verify_foundation(load_profile("smoke").model_config("glamm", 0), second)
     raw["stages"]["mllm_pretrain"] = {"init": "shipped"}  # no steps: the shipped LLaVA is kept too
     profile_path.write_text(yaml.safe_dump(raw))
@@ -206,9 +210,9 @@ def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp
 def test_profile_refuses_unknown_stage1_recipes(tmp_path):
     import yaml
 
-    from ppcr.training.profile import load_profile
+    from ppcr.recipe.profile import load_profile
 
-    raw = yaml.safe_load((foundation_dir().parents[1] / "training" / "profiles" / "smoke.yaml").read_text())
+    raw = yaml.safe_load((foundation_dir().parents[1] / "recipe" / "profiles" / "smoke.yaml").read_text())
     for key, value in (("probe_positions", "middle"), ("init", "imagenet")):
         bad = json.loads(json.dumps(raw))
         bad["stages"]["mllm_pretrain"][key] = value
@@ -224,7 +228,8 @@ def test_stage1_dense_probe_regresses_the_box_from_every_where_answer_position()
     tower through the image tokens."""
     import random
 
-    from ppcr.training.stages import MllmPretrainer, normalised_boxes, synref_tokenizer
+    from ppcr.training.mllm_pretrain import MllmPretrainer, normalised_boxes
+    from ppcr.model.tokenizer import synref_tokenizer
 
     tiny = preset_config("tiny")
     torch.manual_seed(0)
@@ -256,7 +261,8 @@ def test_stage1_probe_describe_reads_the_describe_answers_too():
     diagnostics read the probe at the describe answer's [SEG] slot (the position predicting "a")."""
     import random
 
-    from ppcr.training.stages import MllmPretrainer, normalised_boxes, synref_tokenizer
+    from ppcr.training.mllm_pretrain import MllmPretrainer, normalised_boxes
+    from ppcr.model.tokenizer import synref_tokenizer
 
     tiny = preset_config("tiny")
     torch.manual_seed(0)
@@ -295,7 +301,7 @@ def test_stage1_probe_describe_reads_the_describe_answers_too():
 def test_normalised_boxes_take_boxes_on_any_device_and_return_them_on_the_cpu():
     """The training loop moves a batch's tensors to the device; the image sizes stay Python ints. The first GPU run
     (notes/gpu) failed here on a CUDA box divided by a CPU tensor, so the boxes are brought to the CPU first."""
-    from ppcr.training.stages import normalised_boxes
+    from ppcr.training.mllm_pretrain import normalised_boxes
 
     batch = {"box": [torch.tensor([4.0, 8.0, 20.0, 30.0]), [0, 0, 32, 16], torch.tensor([1.0, 1.0, 2.0, 2.0])],
              "original_size": [(40, 80), (16, 32), (4, 4)]}

@@ -15,11 +15,12 @@ import torch
 
 from ppcr.data.transforms import MIN_COVER, patch_coverage, target_patches
 from ppcr.model import prompts
-from ppcr.model.config import tiny_config
+from ppcr.model.config import TrainingRecipe, tiny_config
 from ppcr.model.mllm import MultimodalLLM, shared_prefix_length
 from ppcr.model.modeling_ppcr import PPCRModel
 from ppcr.model.tokenizer import encode_pass
-from ppcr.training.stages import MllmPretrainer, synref_tokenizer
+from ppcr.training.mllm_pretrain import MllmPretrainer
+from ppcr.model.tokenizer import synref_tokenizer
 
 
 def test_conversation_order():
@@ -141,7 +142,7 @@ def test_ris_training_step_with_the_question_first(variant):
 
 def test_ris_grounding_loss_needs_the_question_first():
     with pytest.raises(ValueError, match="image_after_prompt"):
-        PPCRModel.build(tiny_config(train_image_grounding=1.0), extra_words=["red"])
+        PPCRModel.build(tiny_config(), extra_words=["red"], recipe=TrainingRecipe(train_image_grounding=1.0))
 
 
 @pytest.mark.parametrize("variant,passes", [("glamm", 1), ("ppcr", 2)])
@@ -152,13 +153,13 @@ def test_ris_grounding_loss_per_llm_pass(variant, passes):
     from test_model import WORDS, make_batch
 
     torch.manual_seed(0)
-    model = PPCRModel.build(tiny_config(variant=variant, image_after_prompt=True, train_image_grounding=2.0),
-                            extra_words=WORDS).train()
+    model = PPCRModel.build(tiny_config(variant=variant, image_after_prompt=True), extra_words=WORDS,
+                            recipe=TrainingRecipe(train_image_grounding=2.0)).train()
     batch = make_batch(model)
     out = model(batch, rng=random.Random(0))
-    assert len(out.stages.grounding_logits) == passes
-    assert out.stages.grounding_logits[0].shape == (3, tiny_config().vision.num_image_tokens)
-    eq7 = sum(getattr(model.config.loss, k) * out.losses[k] for k in ("bce", "dice", "l1", "ce"))
+    assert len(out.steps.grounding_logits) == passes
+    assert out.steps.grounding_logits[0].shape == (3, tiny_config().vision.num_image_tokens)
+    eq7 = sum(getattr(model.recipe.loss, k) * out.losses[k] for k in ("bce", "dice", "l1", "ce"))
     torch.testing.assert_close(out.losses["total"], eq7 + 2.0 * out.losses["grounding"])
     assert float(out.losses["grounding"].detach()) > 0
     model.zero_grad()
@@ -169,9 +170,8 @@ def test_ris_grounding_loss_per_llm_pass(variant, passes):
 
     model.eval()
     with torch.no_grad():
-        off = model.config.replace(train_image_grounding=0.0)
-        assert not model(batch).stages.grounding_logits and "grounding" not in model(batch).losses
-        plain = PPCRModel.build(off, tokenizer=model.tokenizer).eval()
+        assert not model(batch).steps.grounding_logits and "grounding" not in model(batch).losses
+        plain = PPCRModel.build(model.config, tokenizer=model.tokenizer).eval()  # the paper's recipe: no head
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("grounding_head.")})
         for a, b in zip(model.predict(batch["images"], [["left red circle", "green star"], ["green star"]]),
                         plain.predict(batch["images"], [["left red circle", "green star"], ["green star"]])):

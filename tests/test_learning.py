@@ -1,4 +1,4 @@
-"""Learning curves (ppcr.learning) on synthetic stage folders, and the box-filling sanity rows of the book's tables
+"""Learning curves (ppcr.report.learning) on synthetic stage folders, and the box-filling sanity rows of the book's tables
 (ppcr.report) on a hand-made study: no training, no model."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from ppcr import learning, report
+from ppcr import report
+from ppcr.report import learning
 from ppcr.metrics import mask_iou
 from ppcr.training.diagnostics import box_fill_mask
 
@@ -297,7 +298,7 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
 
 def _row(i: int, gt_box: list[float], pred_box: list[float] | None, pred_mask: np.ndarray,
          with_fill: bool = True) -> dict[str, Any]:
-    """A results row as ppcr.training.evaluate writes it; the target is the ellipse inside gt_box."""
+    """A results row as ppcr.evaluation.evaluate writes it; the target is the ellipse inside gt_box."""
     ys, xs = np.mgrid[:H, :W] + 0.5
     x0, y0, x1, y1 = gt_box
     gt = ((xs - (x0 + x1) / 2) / ((x1 - x0) / 2)) ** 2 + ((ys - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 <= 1

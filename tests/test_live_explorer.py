@@ -39,7 +39,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     import papermill
 
     from ppcr.pipeline import run_study
-    from ppcr.training.profile import load_profile
+    from ppcr.recipe.profile import load_profile
 
     root = tmp_path_factory.mktemp("live_explorer")
     run = root / "run"

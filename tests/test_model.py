@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ppcr.model.config import VARIANTS, PPCRConfig, tiny_config  # noqa: E402
+from ppcr.model.config import VARIANTS, PPCRConfig, TrainingRecipe, tiny_config  # noqa: E402
 from ppcr.model.modeling_ppcr import PPCRModel  # noqa: E402
 from ppcr.model.segmentation import build_sam, load_sam_state_dict  # noqa: E402
 
@@ -59,7 +59,7 @@ def test_every_variant_forward_backward(models, variant):
     batch = make_batch(model)
     out = model(batch, rng=random.Random(0))
     assert [tuple(m.shape) for m in out.mask_logits] == [(40, 60), (40, 60), (50, 50)]
-    st = out.stages
+    st = out.steps
     c, d = model.config.sam_prompt_dim, model.mllm.hidden_size
     assert st.p_seg_txt.shape == (3, c)
     assert st.low_res_masks.shape[:2] == (3, 1)
@@ -147,27 +147,27 @@ def test_training_box_prompt_modes(models):
     batch = make_batch(model)
     gt = torch.stack(batch["box"])
     wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
-    saved = model.config
+    saved = model.recipe
     try:
         model.train()
         for mode, prob in (("pred", 0.5), ("gt", 0.5), ("mixed", 1.0), ("mixed", 0.0)):
-            model.config = saved.replace(train_box_prompt=mode, train_gt_box_prob=prob, train_gt_box_jitter=0.1)
+            model.recipe = saved.replace(train_box_prompt=mode, train_gt_box_prob=prob, train_gt_box_jitter=0.1)
             torch.manual_seed(0)
-            st = model(batch, rng=random.Random(0)).stages
+            st = model(batch, rng=random.Random(0)).steps
             predicted = st.boxes_norm.detach() * torch.tensor([[60, 40, 60, 40], [60, 40, 60, 40], [50, 50, 50, 50]])
             near_gt = bool(((st.sam_boxes - gt).abs() <= 0.1 * wh + 1e-4).all())
             if mode == "gt" or (mode == "mixed" and prob == 1.0):
                 assert near_gt and not torch.equal(st.sam_boxes, gt)  # jittered, within 10% of the box size
             else:
                 torch.testing.assert_close(st.sam_boxes.detach(), predicted)
-        model.config = saved.replace(train_box_prompt="gt", train_gt_box_jitter=0.0)
-        torch.testing.assert_close(model(batch, rng=random.Random(0)).stages.sam_boxes, gt)
+        model.recipe = saved.replace(train_box_prompt="gt", train_gt_box_jitter=0.0)
+        torch.testing.assert_close(model(batch, rng=random.Random(0)).steps.sam_boxes, gt)
         model.eval()  # evaluation: the variant's own (predicted) box whatever the training mode
         with torch.no_grad():
-            st = model(batch, compute_loss=False).stages
+            st = model(batch, compute_loss=False).steps
         assert not torch.allclose(st.sam_boxes, gt)
     finally:
-        model.config = saved
+        model.recipe = saved
         model.eval()
 
 
@@ -178,13 +178,13 @@ def test_gt_box_oracle_uses_the_given_box(models):
     with torch.no_grad():
         out = model(batch, compute_loss=False)
     gt = torch.stack(batch["box"])
-    torch.testing.assert_close(out.stages.sam_boxes, gt)
+    torch.testing.assert_close(out.steps.sam_boxes, gt)
     # and the predicted box is still reported
-    assert out.stages.boxes_norm is not None
+    assert out.steps.boxes_norm is not None
     # `ppcr` at evaluation feeds its own prediction instead
     with torch.no_grad():
         own = models["ppcr"].eval()(batch, compute_loss=False)
-    assert not torch.allclose(own.stages.sam_boxes, gt)
+    assert not torch.allclose(own.steps.sam_boxes, gt)
     # the oracle without a box is a clear error
     with pytest.raises(ValueError, match="ground-truth boxes"):
         images = batch["images"]
@@ -318,4 +318,5 @@ def test_paper_preset_is_llava_1_5_7b_and_sam_vit_h():
     assert llava.text_config.vocab_size >= 32064
     assert cfg.sam.encoder_embed_dim == 1280 and cfg.sam.encoder_depth == 32 and cfg.sam.prompt_embed_dim == 256
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
-    assert (cfg.loss.bce, cfg.loss.dice, cfg.loss.l1, cfg.loss.ce) == (2.0, 0.5, 2.0, 0.5)
+    loss = TrainingRecipe().loss  # the paper's lambda_1..4 (Eq. 7)
+    assert (loss.bce, loss.dice, loss.l1, loss.ce) == (2.0, 0.5, 2.0, 0.5)

@@ -76,7 +76,7 @@ def test_cached_equals_full_sequences(variant, images, monkeypatch):
         full, cached = both_paths(model, images, GROUPS, boxes=boxes, batch_size=batch_size)
         assert_equal_outputs(full, cached)
     # batches of 3 over images with 1, 4 and 2 expressions: [0 1 1] [1 1 2] [2] (nothing to share: full path)
-    passes = 2 if model.config.spec.uses_spatial_stage else 1
+    passes = 2 if model.config.spec.uses_spatial_step else 1
     assert len(calls) == passes * (2 + 1)  # every pass of every batch with a shared image took the cached path
     assert all(p > model.config.vision.num_image_tokens for p in calls)
 

@@ -1,4 +1,4 @@
-"""The P_seg_txt box probe (ppcr.training.prompt_probe): it reads a box the prompts hold, and not one they do not."""
+"""The P_seg_txt box probe (ppcr.evaluation.prompt_probe): it reads a box the prompts hold, and not one they do not."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from ppcr.training.prompt_probe import box_figures, fit_box_probe
+from ppcr.metrics import box_figures
+from ppcr.evaluation.prompt_probe import fit_box_probe
 
 
 def boxes_from(prompts: torch.Tensor) -> torch.Tensor:

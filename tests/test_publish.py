@@ -116,7 +116,7 @@ def test_colab_cell_installs_and_switches_to_the_gpu_profile(path: Path, monkeyp
     scope = {"profile": "demo", "device": "cpu", "run_dir": "runs/demo"}  # the parameters cell's defaults
     exec(colab_cell(path), scope)
     assert (scope["profile"], scope["device"], scope["run_dir"]) == ("synthetic", "cuda", "runs/synthetic")
-    gpu = yaml.safe_load((REPO / "ppcr" / "training" / "profiles" / "synthetic.yaml").read_text())
+    gpu = yaml.safe_load((REPO / "ppcr" / "recipe" / "profiles" / "synthetic.yaml").read_text())
     assert gpu["device"] in ("auto", "cuda")
     assert calls[0][:2] == ["git", "clone"] and calls[0][-2] == make_variable("REPO_URL")
     assert calls[1] == ["bash", "data_scripts/install_project.sh", sys.executable] and folders == ["ppcr-repo"]
@@ -143,7 +143,7 @@ def test_broken_internal_links(tmp_path: Path) -> None:
 
 
 def test_pages_show_paths_relative_to_the_repository(tmp_path: Path) -> None:
-    from ppcr.paths import REPO_ROOT, display_command, display_path
+    from ppcr.report.paths import REPO_ROOT, display_command, display_path
 
     assert display_path(REPO_ROOT / "runs" / "demo") == "runs/demo"
     assert display_path(REPO_ROOT) == "."

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ppcr.losses import box_l1
-from ppcr.model.config import tiny_config
+from ppcr.model.losses import box_l1
+from ppcr.model.config import TrainingRecipe, tiny_config
 from ppcr.model.modeling_ppcr import PPCRModel
 from ppcr.model.persistence import load_weights_into
-from ppcr.training.stages import STAGE2_CARRIED
+from ppcr.training.ris import STAGE2_CARRIED
 
 
 @pytest.mark.parametrize("variant", ["glamm", "ppcr"])
@@ -25,15 +25,15 @@ def test_semantic_box_term_joins_the_total_and_trains_branch_a(variant):
     from test_model import WORDS, make_batch
 
     torch.manual_seed(0)
-    model = PPCRModel.build(tiny_config(variant=variant, train_semantic_box=1.5), extra_words=WORDS).train()
+    model = PPCRModel.build(tiny_config(variant=variant), extra_words=WORDS, recipe=TrainingRecipe(train_semantic_box=1.5)).train()
     batch = make_batch(model)
     out = model(batch, rng=random.Random(0))
-    sem = out.stages.semantic_boxes
+    sem = out.steps.semantic_boxes
     assert sem is not None and sem.shape == (3, 4) and bool(((sem >= 0) & (sem <= 1)).all())
     wh = torch.tensor([[w, h, w, h] for h, w in batch["original_size"]], dtype=torch.float32)
     target = torch.stack(batch["box"]) / wh
     torch.testing.assert_close(out.losses["semantic_box"], box_l1(sem, target))
-    eq7 = sum(getattr(model.config.loss, k) * out.losses[k] for k in ("bce", "dice", "l1", "ce"))
+    eq7 = sum(getattr(model.recipe.loss, k) * out.losses[k] for k in ("bce", "dice", "l1", "ce"))
     torch.testing.assert_close(out.losses["total"], eq7 + 1.5 * out.losses["semantic_box"])
 
     model.zero_grad()
@@ -54,9 +54,10 @@ def test_semantic_box_off_by_default_and_evaluation_unchanged():
     assert off.semantic_box_head is None
     batch = make_batch(off)
     out = off.train()(batch, rng=random.Random(0))
-    assert out.stages.semantic_boxes is None and "semantic_box" not in out.losses
+    assert out.steps.semantic_boxes is None and "semantic_box" not in out.losses
 
-    on = PPCRModel.build(tiny_config(variant="ppcr", train_semantic_box=2.0), tokenizer=off.tokenizer).eval()
+    on = PPCRModel.build(tiny_config(variant="ppcr"), tokenizer=off.tokenizer,
+                         recipe=TrainingRecipe(train_semantic_box=2.0)).eval()
     on.load_state_dict({**off.state_dict(), **{k: v for k, v in on.state_dict().items()
                                                if k.startswith("semantic_box_head.")}})
     expressions = [["left red circle", "green star"], ["green star"]]
@@ -71,14 +72,15 @@ def test_stage3_carries_the_training_heads(tmp_path):
     from test_model import WORDS
 
     torch.manual_seed(0)
-    options = {"train_semantic_box": 2.0, "train_image_grounding": 1.0, "image_after_prompt": True}
-    stage2 = PPCRModel.build(tiny_config(variant="glamm", **options), extra_words=WORDS)
+    recipe = TrainingRecipe(train_semantic_box=2.0, train_image_grounding=1.0)
+    stage2 = PPCRModel.build(tiny_config(variant="glamm", image_after_prompt=True), extra_words=WORDS, recipe=recipe)
     with torch.no_grad():
         for head in (stage2.semantic_box_head, stage2.grounding_head):
             for p in head.parameters():
                 p.add_(1.0)
     stage2.save_pretrained(tmp_path / "glamm_init")
-    stage3 = PPCRModel.build(tiny_config(variant="ppcr", **options), tokenizer=stage2.tokenizer)
+    stage3 = PPCRModel.build(tiny_config(variant="ppcr", image_after_prompt=True), tokenizer=stage2.tokenizer,
+                             recipe=recipe)
     load_weights_into(stage3, tmp_path / "glamm_init", prefixes=STAGE2_CARRIED, branches=("semantic",))
     for before, after in ((stage2.semantic_box_head, stage3.semantic_box_head),
                           (stage2.grounding_head, stage3.grounding_head)):

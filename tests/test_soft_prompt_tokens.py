@@ -59,7 +59,7 @@ def test_ppcr_trains_every_slot_and_evaluates_with_k_slots(k):
     assert bool((grad.abs().sum(dim=(1, 2)) > 0).all())
     model.eval()
     with torch.no_grad():
-        assert model(batch, compute_loss=False).stages.boxes_norm.shape == (len(batch["expression"]), 4)
+        assert model(batch, compute_loss=False).steps.boxes_norm.shape == (len(batch["expression"]), 4)
 
 
 @pytest.mark.parametrize("variant", ["glamm", "spatial_re"])
@@ -78,14 +78,20 @@ def test_variants_without_a_soft_token_start_the_same_whatever_k(variant):
         assert torch.equal(value, states[1][name]), name
 
 
-def test_a_model_without_a_soft_token_switched_to_the_oracle_still_runs():
-    """Stage 3's diagnostics score spatial_re's weights as `gt_box_oracle` (a soft-token variant): the spatial
-    prompt then has as many slots as the model's projection fills, not as the config asks."""
+def test_spatial_re_scored_with_the_ground_truth_box_keeps_its_own_spatial_prompt():
+    """Stage 3's diagnostics score each variant's weights with the ground-truth box too (`box="gt"`): SAM gets the
+    GT box, and branch B still reads the variant's own prompt (spatial_re: the expression, one slot's projection
+    unused), so the weights are not run as another variant."""
     from test_model import WORDS, make_batch
 
     torch.manual_seed(0)
     model = PPCRModel.build(tiny_config(variant="spatial_re", soft_prompt_tokens=4), extra_words=WORDS).eval()
-    model.config = model.config.replace(variant="gt_box_oracle")
+    batch = make_batch(model)
     with torch.no_grad():
-        out = model(make_batch(model), compute_loss=False)
-    assert out.stages.p_seg_box is not None
+        own = model(batch, compute_loss=False)
+        oracle = model(batch, compute_loss=False, box="gt")
+    torch.testing.assert_close(oracle.steps.sam_boxes, torch.stack(batch["box"]).float())
+    torch.testing.assert_close(oracle.steps.boxes_norm, own.steps.boxes_norm)  # the same branch-B pass
+    assert not torch.allclose(own.steps.sam_boxes, oracle.steps.sam_boxes)
+    with pytest.raises(ValueError, match="box must be"):
+        model(batch, compute_loss=False, box="oracle")

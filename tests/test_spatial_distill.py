@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppcr.losses import relative_mse
-from ppcr.model.config import tiny_config
+from ppcr.model.losses import relative_mse
+from ppcr.model.config import TrainingRecipe, tiny_config
 from ppcr.model.modeling_ppcr import PPCRModel
 from ppcr.model.prompts import BOX_TOKEN, SPATIAL_ANSWER, conversation
 from ppcr.model.tokenizer import encode_pass
@@ -35,12 +35,13 @@ def test_distill_term_joins_the_total_and_trains_both_branches(variant):
     from test_model import WORDS, make_batch
 
     torch.manual_seed(0)
-    model = PPCRModel.build(tiny_config(variant=variant, train_spatial_distill=0.7), extra_words=WORDS).train()
+    model = PPCRModel.build(tiny_config(variant=variant), extra_words=WORDS,
+                            recipe=TrainingRecipe(train_spatial_distill=0.7)).train()
     batch = make_batch(model)
     out = model(batch, rng=random.Random(0))
     distill = out.losses["distill"]
     assert distill.ndim == 0 and float(distill) > 0
-    eq7 = sum(getattr(model.config.loss, k) * out.losses[k] for k in ("bce", "dice", "l1", "ce"))
+    eq7 = sum(getattr(model.recipe.loss, k) * out.losses[k] for k in ("bce", "dice", "l1", "ce"))
     torch.testing.assert_close(out.losses["total"], eq7 + 0.7 * distill)
 
     model.zero_grad()
@@ -59,9 +60,10 @@ def test_no_distill_without_a_soft_token(variant):
     from test_model import WORDS, make_batch
 
     torch.manual_seed(0)
-    model = PPCRModel.build(tiny_config(variant=variant, train_spatial_distill=1.0), extra_words=WORDS).train()
+    model = PPCRModel.build(tiny_config(variant=variant), extra_words=WORDS,
+                            recipe=TrainingRecipe(train_spatial_distill=1.0)).train()
     out = model(make_batch(model), rng=random.Random(0))
-    assert "distill" not in out.losses and out.stages.distill is None
+    assert "distill" not in out.losses and out.steps.distill is None
 
 
 def test_teacher_is_the_llm_without_lora():
@@ -99,7 +101,8 @@ def test_distill_off_by_default_and_evaluation_unchanged():
     off = PPCRModel.build(tiny_config(variant="ppcr"), extra_words=WORDS)
     batch = make_batch(off)
     assert "distill" not in off.train()(batch, rng=random.Random(0)).losses
-    on = PPCRModel.build(tiny_config(variant="ppcr", train_spatial_distill=1.0), tokenizer=off.tokenizer).eval()
+    on = PPCRModel.build(tiny_config(variant="ppcr"), tokenizer=off.tokenizer,
+                         recipe=TrainingRecipe(train_spatial_distill=1.0)).eval()
     on.load_state_dict(off.state_dict())
     expressions = [["left red circle", "green star"], ["green star"]]
     for a, b in zip(off.eval().predict(batch["images"], expressions), on.predict(batch["images"], expressions)):

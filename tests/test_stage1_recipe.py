@@ -57,7 +57,7 @@ def test_patch_targets_follow_clips_square_padding():
 def test_dense_pretrainer_learns_a_fixed_batch_and_reads_the_llms_layer():
     """The heads read the patch tokens of `vision_feature_layer` (CLS dropped); a few steps on one batch of random
     images with fixed labels drive every loss down (the objective is learnable and reaches the tower)."""
-    from ppcr.training.stages import synref_tokenizer
+    from ppcr.model.tokenizer import synref_tokenizer
 
     tiny = preset_config("tiny")
     torch.manual_seed(0)
@@ -95,11 +95,13 @@ def test_stage1_starts_from_the_dense_pretrained_tower_and_keeps_it_frozen(tmp_p
     import yaml
     from safetensors.torch import load_file
 
-    from ppcr.foundation import foundation_dir
-    from ppcr.training.profile import load_profile
-    from ppcr.training.stages import prepare_data, run_mllm_pretrain, synref_tokenizer
+    from ppcr.model.shipped import foundation_dir
+    from ppcr.recipe.profile import load_profile
+    from ppcr.training.data import prepare_data
+    from ppcr.training.mllm_pretrain import run_mllm_pretrain
+    from ppcr.model.tokenizer import synref_tokenizer
 
-    raw = yaml.safe_load((foundation_dir().parents[1] / "training" / "profiles" / "smoke.yaml").read_text())
+    raw = yaml.safe_load((foundation_dir().parents[1] / "recipe" / "profiles" / "smoke.yaml").read_text())
     raw["stages"]["vision_pretrain"] = {"steps": 4, "batch_size": 4, "lr": 1.0e-3, "warmup_steps": 1}
     raw["stages"]["mllm_pretrain"]["freeze_vision"] = True
     raw["diag_expressions"] = 4
@@ -125,11 +127,11 @@ def test_stage1_starts_from_the_dense_pretrained_tower_and_keeps_it_frozen(tmp_p
 def test_vision_pretrain_is_refused_on_top_of_a_continued_llava(tmp_path):
     import yaml
 
-    from ppcr.foundation import foundation_dir
-    from ppcr.training.profile import load_profile
-    from ppcr.training.stages import run_mllm_pretrain
+    from ppcr.model.shipped import foundation_dir
+    from ppcr.recipe.profile import load_profile
+    from ppcr.training.mllm_pretrain import run_mllm_pretrain
 
-    raw = yaml.safe_load((foundation_dir().parents[1] / "training" / "profiles" / "smoke.yaml").read_text())
+    raw = yaml.safe_load((foundation_dir().parents[1] / "recipe" / "profiles" / "smoke.yaml").read_text())
     raw["stages"]["vision_pretrain"] = {"steps": 4}
     raw["stages"]["mllm_pretrain"]["init"] = "shipped"
     path = tmp_path / "bad.yaml"
@@ -145,7 +147,7 @@ def test_object_grounding_questions_name_every_object_unique_by_colour_and_shape
     from ppcr.data.refer import Refer
     from ppcr.data.synref import generate_suite
     from ppcr.model.modeling_ppcr import image_prep_for
-    from ppcr.training.stages import STAGE1_KEYS, ObjectGroundingQuestions, WithTargetAttributes
+    from ppcr.training.mllm_pretrain import STAGE1_KEYS, ObjectGroundingQuestions, WithTargetAttributes
 
     generate_suite("synref", tmp_path, n_refs=30, seed=5, image_size=64, progress=False)
     refer = Refer(tmp_path, "synref", "unc")
@@ -177,7 +179,7 @@ def test_stage_fingerprints_count_only_options_that_differ_from_their_defaults()
     changes it."""
     import dataclasses
 
-    from ppcr.training.profile import StageSpec, load_profile
+    from ppcr.recipe.profile import StageSpec, load_profile
 
     profile = load_profile("smoke")
     spec = profile.stage("mllm_pretrain")
@@ -188,7 +190,7 @@ def test_stage_fingerprints_count_only_options_that_differ_from_their_defaults()
 
 
 def test_regenerate_hint_lists_every_segment_oldest_first():
-    from ppcr.foundation import REGENERATE, regenerate_hint
+    from ppcr.model.shipped import REGENERATE, regenerate_hint
 
     third = {"command": "c3", "continued_from": {"command": "c2", "continued_from": {"command": "c1"}}}
     assert regenerate_hint(third) == "c1 && c2 && c3"

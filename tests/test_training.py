@@ -22,12 +22,13 @@ from ppcr.cli import main as cli_main  # noqa: E402
 from ppcr.data.dataset import collate_refer  # noqa: E402
 from ppcr.data.refer import Refer  # noqa: E402
 from ppcr.data.transforms import ImagePrep  # noqa: E402
-from ppcr.model.modeling_ppcr import PPCROutput, StageOutputs  # noqa: E402
+from ppcr.model.modeling_ppcr import PPCROutput, StepOutputs  # noqa: E402
 from ppcr.training.cache import SamEmbeddingCache  # noqa: E402
-from ppcr.training.evaluate import evaluate_model  # noqa: E402
+from ppcr.evaluation.evaluate import evaluate_model  # noqa: E402
 from ppcr.training.loop import CRASH_ENV, LoopConfig, StepBatchSampler, train_loop, warmup_decay  # noqa: E402
-from ppcr.training.profile import DataSpec, load_profile  # noqa: E402
-from ppcr.training.stages import base_weights, build_ris_model, prepare_data, train_dataset  # noqa: E402
+from ppcr.recipe.profile import DataSpec, load_profile  # noqa: E402
+from ppcr.training.ris import base_weights, build_ris_model  # noqa: E402
+from ppcr.training.data import prepare_data, train_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,7 @@ class KnownMasks(torch.nn.Module):
         wh = torch.tensor([[w, h, w, h] for h, w in batch["original_size"]], dtype=torch.float32)
         boxes = torch.tensor([self.boxes[e] for e in batch["expression"]]) / wh
         n = len(logits)
-        st = StageOutputs(torch.zeros(n, 2), None, boxes, boxes, None, torch.zeros(n, 1, 4, 4), torch.zeros(n, 1))
+        st = StepOutputs(torch.zeros(n, 2), None, boxes, boxes, None, torch.zeros(n, 1, 4, 4), torch.zeros(n, 1))
         return PPCROutput(None, {}, logits, st)
 
 
@@ -156,12 +157,19 @@ def test_schedule_sampler_and_cache(tmp_path):
     assert list(StepBatchSampler(10, 4, 7, seed=3, start_batch=4)) == full[4:]
     assert sorted(full[0] + full[1] + full[2][:2]) == list(range(10))  # an epoch visits every sample once
     assert list(StepBatchSampler(10, 4, 7, seed=4)) != full
-    cache = SamEmbeddingCache(tmp_path, "enc123", max_in_memory=1)
+    cache = SamEmbeddingCache(tmp_path, "enc123", max_memory_bytes=4 * 2 * 2 * 4)  # one float32 (4, 2, 2) in memory
     x, y = torch.randn(4, 2, 2), torch.randn(4, 2, 2)
     cache["aa11"], cache["bb22"] = x, y
+    assert list(cache.memory) == ["bb22"] and cache.memory_bytes == 64
     assert torch.equal(cache["aa11"], x)  # evicted from memory, read back from disk
     assert sorted(cache) == ["aa11", "bb22"] and cache.get("zz") is None
     assert torch.equal(SamEmbeddingCache(tmp_path, "enc123")["bb22"], y)
+    half = SamEmbeddingCache(tmp_path, "enc123", dtype=torch.float16)  # stored in half precision, read as float32
+    half["aa11"] = x
+    assert half.dir != cache.dir and half.memory["aa11"].dtype == torch.float16
+    assert half["aa11"].dtype == torch.float32 and torch.equal(half["aa11"], x.half().float())
+    assert SamEmbeddingCache.bytes_per_image(256, 64, torch.float16) == 256 * 64 * 64 * 2  # SAM ViT-H: 2 MiB
+    assert "2.00 GiB on disk" in half.describe(1024, 2 * 2**20)
 
 
 def test_sam_gets_its_own_learning_rate(tmp_path):
@@ -170,8 +178,8 @@ def test_sam_gets_its_own_learning_rate(tmp_path):
     from ppcr.model.config import tiny_config
     from ppcr.model.modeling_ppcr import PPCRModel
     from ppcr.training.loop import param_groups
-    from ppcr.training.profile import StageSpec
-    from ppcr.training.stages import loop_config
+    from ppcr.recipe.profile import StageSpec
+    from ppcr.training.stage import loop_config
 
     model = PPCRModel.build(tiny_config(), extra_words=["red"])
     groups = param_groups(model, 1e-3, {"segmenter.sam.": 3e-4})
@@ -183,7 +191,7 @@ def test_sam_gets_its_own_learning_rate(tmp_path):
     profile = load_profile("smoke")
     profile.stages["variants"] = StageSpec(steps=4, lr=1e-3, sam_lr=2e-4)
     assert loop_config(profile, "variants", 0, 10).lr_by_prefix == {"segmenter.sam.": 2e-4}
-    assert loop_config(profile, "glamm", 0, 10).lr_by_prefix == {}
+    assert loop_config(profile, "glamm_init", 0, 10).lr_by_prefix == {}
 
 
 def test_profiles_load_and_validate():
@@ -218,7 +226,7 @@ def test_seeds_in_parallel_processes_give_the_sequential_results(tmp_path):
     """`seed_workers: 2` runs each seed of the study in its own process (one thread each on this 2-core machine);
     the results files are those of the same study run seed after seed with one thread."""
     from ppcr.pipeline import run_study
-    from ppcr.training.profile import load_profile
+    from ppcr.recipe.profile import load_profile
 
     small = {"seeds": [0, 1], "variants": ["glamm", "ppcr"]}
     parallel = run_study(load_profile("smoke", {**small, "seed_workers": 2}), tmp_path / "parallel", progress=False)
@@ -246,7 +254,7 @@ def test_sam_pretrainer_can_keep_its_image_encoder_frozen(freeze):
     import random
 
     from ppcr.model.config import tiny_config
-    from ppcr.training.stages import SamPretrainer, collate_objects
+    from ppcr.training.sam_pretrain import SamPretrainer, collate_objects
 
     torch.manual_seed(0)
     module = SamPretrainer(tiny_config(), objects_per_image=2, box_prob=1.0, freeze_encoder=freeze)

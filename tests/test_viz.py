@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 from pathlib import Path
@@ -15,10 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ppcr import viz  # noqa: E402
 from ppcr.cli import main  # noqa: E402
-from ppcr.explorer import PredictionExplorer  # noqa: E402
+from ppcr.report.explorer import PredictionExplorer  # noqa: E402
 from ppcr.model.config import tiny_config  # noqa: E402
 from ppcr.model.modeling_ppcr import PPCRModel  # noqa: E402
-from ppcr.training.predict import encode_mask_rle  # noqa: E402
+from ppcr.evaluation.predict import encode_mask_rle  # noqa: E402
 
 WORDS = ["dog", "cat", "bird", "on", "top", "upper", "lower", "thin", "square", "in", "the", "corner", "left"]
 
@@ -118,6 +120,41 @@ def test_predict_cli_writes_png_and_json(checkpoint, tiny_refer, tmp_path, capsy
     assert "'dog on top': box [" in printed and "score" in printed
 
 
+def test_unknown_words_of_the_word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ppcr.model.tokenizer import build_word_tokenizer, unknown_words, unknown_words_warning
+
+    tok = build_word_tokenizer(["dog", "on", "top", "of"])
+    assert unknown_words(tok, "the zebra unicorn qwertyuiop") == ["zebra", "unicorn", "qwertyuiop"]
+    assert unknown_words(tok, "The Zebra, the zebra on top of the dog") == ["Zebra"]  # original text, once
+    assert unknown_words(tok, "the dog on top") == [] and unknown_words(tok, "  ") == []
+    assert unknown_words_warning([]) == ""
+    line = unknown_words_warning(["zebra", "unicorn"])
+    assert "\n" not in line and "\u201czebra\u201d" in line and "\u201cunicorn\u201d" in line
+    # a byte-level BPE (as LLaMA's falls back to bytes) has no unk token: every word is representable
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.add_tokens(["the"])
+    assert unknown_words(PreTrainedTokenizerFast(tokenizer_object=bpe), "the zebra unicorn") == []
+
+
+def test_predict_cli_warns_about_unknown_words(checkpoint, tiny_refer, tmp_path, capsys):
+    image = tiny_refer.root / "images/mscoco/images/train2014/img1.png"
+    out = tmp_path / "overlay.png"
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--image", str(image), "--expression",
+               "the zebra unicorn qwertyuiop", "--expression", "dog on top", "--out", str(out)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("ppcr predict: warning: 'the zebra unicorn qwertyuiop'")
+    assert all(f"\u201c{w}\u201d" in warnings[0] for w in ("zebra", "unicorn", "qwertyuiop"))
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [p["unknown_words"] for p in record["predictions"]] == [["zebra", "unicorn", "qwertyuiop"], []]
+    assert "'the zebra unicorn qwertyuiop': box" in captured.out  # still predicted
+
+
 @pytest.mark.parametrize("case", ["missing_image", "corrupt_image", "empty_expression", "missing_checkpoint"])
 def test_predict_cli_bad_input(case, checkpoint, tiny_refer, tmp_path, capsys):
     image = tiny_refer.root / "images/mscoco/images/train2014/img1.png"
@@ -196,13 +233,21 @@ def test_explorer_live_run(tiny_refer, model):
     explorer.run_button.click()
     assert explorer.last_live["ppcr"]["expression"] == "the bird in the corner"
     assert len(explorer.output.outputs) == 2 and "live expression" in explorer.status.value
+    assert "warning" not in explorer.status.value  # every word known
+    assert explorer.run_expression("the zebra unicorn qwertyuiop")
+    assert explorer.unknown_words("the zebra unicorn qwertyuiop") == ["zebra", "unicorn", "qwertyuiop"]
+    status = explorer.status.value
+    assert "<b>warning</b>" in status and "&lt;unk&gt;" in status and "<unk>" not in status
+    assert all(f"\u201c{w}\u201d" in status for w in ("zebra", "unicorn", "qwertyuiop"))
+    title = explorer.render("refcoco", "testB", 0, ["ppcr"], expression="the zebra unicorn").axes[0].get_title()
+    assert "2 unknown words" in title
     assert not explorer.run_expression("   ") and "empty" in explorer.status.value
 
 
 def test_static_explorer_links_every_panel_and_needs_no_script(tiny_refer):
     from html.parser import HTMLParser
 
-    from ppcr.static_explorer import panel_id, static_explorer
+    from ppcr.report.static_explorer import panel_id, static_explorer
 
     probe = PredictionExplorer(tiny_refer.root, {"refcoco": "unc"})
     stored = _fake_predictions(probe.rows_for("refcoco", "train"), tiny_refer)
@@ -212,7 +257,7 @@ def test_static_explorer_links_every_panel_and_needs_no_script(tiny_refer):
     page = static_explorer(explorer, examples, ["ppcr", "glamm"], explorer_id="x")
 
     class Collect(HTMLParser):
-        ids, hrefs, imgs, tags = [], [], [], []
+        ids, hrefs, imgs, tags, sizes = [], [], [], [], []
 
         def handle_starttag(self, tag, attrs):
             attrs = dict(attrs)
@@ -223,12 +268,17 @@ def test_static_explorer_links_every_panel_and_needs_no_script(tiny_refer):
                 self.hrefs.append(attrs["href"])
             if tag == "img":
                 self.imgs.append(attrs["src"])
+                self.sizes.append((int(attrs["width"]), int(attrs["height"])))
 
     seen = Collect()
     seen.feed(page)
     assert seen.ids == [panel_id("x", e, v) for e in range(2) for v in range(2)]
     assert {h.lstrip("#") for h in seen.hrefs} == set(seen.ids)  # every link lands on a panel, every panel is reached
     assert len(seen.imgs) == 4 and all(s.startswith("data:image/png;base64,") for s in seen.imgs)
+    for src, (width, height) in zip(seen.imgs, seen.sizes):  # large enough to see a mask (the issue: ~180 px)
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as png:
+            assert png.size == (width, height) and width >= 400 and png.mode == "P"  # a palette PNG: a small page
+    assert len(page) < 4 * 150_000  # four panels, each under 150 kB of base64
     assert "script" not in seen.tags and page.count('class="panel first"') == 1
     assert f"\u201c{probe.rows_for('refcoco', 'train')[2]['expression']}\u201d" in page  # the example's expression
     with pytest.raises(ValueError):
@@ -243,7 +293,7 @@ def test_static_explorer_switches_panels_in_a_headless_browser(tiny_refer, tmp_p
     """The browser shows the first panel, and another one when the URL targets it (what a link click does)."""
     import subprocess
 
-    from ppcr.static_explorer import panel_id, static_explorer
+    from ppcr.report.static_explorer import panel_id, static_explorer
 
     probe = PredictionExplorer(tiny_refer.root, {"refcoco": "unc"})
     stored = _fake_predictions(probe.rows_for("refcoco", "train"), tiny_refer)

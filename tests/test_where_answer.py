@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ppcr.model.config import tiny_config
-from ppcr.training.stages import BOX_BINS, MllmPretrainer, bin_centres, pretrain_turn, synref_tokenizer
+from ppcr.model.tokenizer import BOX_BINS, synref_tokenizer
+from ppcr.training.mllm_pretrain import MllmPretrainer, bin_centres, pretrain_turn
 
 
 def _batch(n: int = 3, seed: int = 0) -> dict:

@@ -49,16 +49,17 @@ def _pregenerate(out: Path, profile: Path) -> None:
     so the device's time goes to training."""
     import os
 
-    from ppcr.training.profile import load_profile
-    from ppcr.training.stages import prepare_data
+    from ppcr.recipe.profile import load_profile
+    from ppcr.training.data import prepare_data
 
     prepare_data(load_profile(str(profile)), out, progress=False, workers=max(2, (os.cpu_count() or 2) - 2))
 
 
 def _speed(out: Path, profile: Path) -> float:
     """samples/s of the timing segment, from its stage's DONE.json."""
-    from ppcr.training.profile import load_profile
-    from ppcr.training.stages import prepare_data, run_mllm_pretrain
+    from ppcr.recipe.profile import load_profile
+    from ppcr.training.data import prepare_data
+    from ppcr.training.mllm_pretrain import run_mllm_pretrain
 
     prof = load_profile(str(profile))
     prepare_data(prof, out, progress=False)
@@ -86,7 +87,7 @@ def split_for_return(folder: Path, ret: Path, extra: list[Path] = ()) -> list[st
 def join_returned(ret: Path, dest: Path) -> dict:
     """The inverse of `split_for_return` (the folder into `dest`, the extra files beside it), then every sha256
     checked against the rebuilt folder's manifest."""
-    from ppcr.foundation import MANIFEST, sha256
+    from ppcr.model.shipped import MANIFEST, sha256
 
     parts = sorted(ret.glob("foundation.tar.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
     data = b"".join(p.read_bytes() for p in parts)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"joined into {args.dest}: {len(manifest['files'])} files, sha256 OK, device {manifest['device']}")
         return 0
 
-    from ppcr.foundation import train_foundation
+    from ppcr.foundation.recipe import train_foundation
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import Any
 class VariantSpec:
     """What a variant changes.
 
-    spatial_source: where branch B's prompt comes from: None (no spatial stage), "seg" (P_seg_txt alone, PPCR),
+    spatial_source: where branch B's prompt comes from: None (no spatial step), "seg" (P_seg_txt alone, PPCR),
         "re" (the raw expression), "re_seg" (both).
     box_head: "mlp" (F_Map, Eq. 4) or "attn" (self-/cross-attention stack over visual features).
     eval_box: which box SAM gets at evaluation: "none", "pred" or "gt" (the oracle).
@@ -34,7 +34,7 @@ class VariantSpec:
     eval_box: str
 
     @property
-    def uses_spatial_stage(self) -> bool:
+    def uses_spatial_step(self) -> bool:
         return self.spatial_source is not None
 
 
@@ -146,13 +146,16 @@ LLAVA_SYSTEM_PROMPT = (
 
 @dataclass
 class PPCRConfig:
+    """The architecture: everything that builds the model and loads its weights (`PPCRModel.build`,
+    `from_pretrained`). How it is trained is a `TrainingRecipe`; which prompt templates it reads at evaluation, a
+    `PromptChoice`."""
+
     preset: str = "paper"
     variant: str = "ppcr"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     sam: SamSettings = field(default_factory=SamSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    loss: LossWeights = field(default_factory=LossWeights)
     # weights: local paths only (nothing here reaches a hub). None = build from config with random weights.
     llava_path: str | None = None  # folder in the llava-hf/llava-1.5-7b-hf layout
     sam_checkpoint: str | None = None  # sam_vit_h_4b8939.pth (loaded with weights_only=True) or .safetensors
@@ -170,6 +173,74 @@ class PPCRConfig:
     attn_box_layers: int = 3
     attn_box_heads: int = 8
     attn_box_queries: int = 4  # learned queries beside P_seg_box in the attention head
+    # not in the paper (a small-scale choice; 1 = the paper's single slot): how many input slots of the spatial
+    # prompt carry P_seg_txt. `[P_SEG]` becomes this many `[P_SEG]` tokens and the soft-token projection maps the one
+    # vector P_seg_txt to as many input embeddings, so the small LLM has more positions to read it from. On the demo
+    # (1,200 evaluated expressions per seed) 4 slots lifted ppcr's box accuracy@0.5 by +1.8 / +10.3 points and its
+    # mIoU by -0.2 / +3.7 (seeds 0 / 1; notes/learning.md).
+    soft_prompt_tokens: int = 1
+    seed: int = 0
+
+    # -- derived -------------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> VariantSpec:
+        return variant_spec(self.variant)
+
+    @property
+    def sam_prompt_dim(self) -> int:
+        return self.sam.prompt_embed_dim
+
+    # -- (de)serialisation ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PPCRConfig":
+        d = dict(d)
+        subs = {"vision": VisionConfig, "text": TextConfig, "sam": SamSettings, "lora": LoraSettings}
+        for key, sub_cls in subs.items():
+            if key in d and isinstance(d[key], dict):
+                sub = dict(d[key])
+                if key == "sam" and "encoder_global_attn_indexes" in sub:
+                    sub["encoder_global_attn_indexes"] = tuple(sub["encoder_global_attn_indexes"])
+                d[key] = sub_cls(**sub)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown PPCRConfig keys: {sorted(unknown)}")
+        cfg = cls(**d)
+        variant_spec(cfg.variant)  # validate
+        return cfg
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> "PPCRConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "PPCRConfig":
+        """A copy with `changes`. A dict for a sub-config (vision, text, sam, lora) changes only the fields it
+        names, e.g. `lora={"r": 32}` from a profile's `model:` block."""
+        for key, value in changes.items():
+            if isinstance(value, dict) and dataclasses.is_dataclass(getattr(self, key, None)):
+                changes[key] = dataclasses.replace(getattr(self, key), **value)
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How the model is trained, and how it is prompted at evaluation: apart from the architecture
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRecipe:
+    """How stages 2-3 train a PPCR model (a profile's `training:` block): Eq. 7's weights and the box SAM gets while
+    training, and the reproduction's additions to the paper's recipe (weight 0 = off). Not needed to run a trained
+    model, but saved beside its config (`recipe.json`), since the additions' training-only heads are part of its
+    checkpoint."""
+
+    loss: LossWeights = field(default_factory=LossWeights)
     detach_box_for_sam: bool = False  # True: the mask loss does not flow into the box head through SAM
     # box SAM gets during training: "pred" (the paper), "gt" (teacher forcing) or "mixed" (each expression gets its
     # ground-truth box with probability train_gt_box_prob, else the predicted one); ground-truth boxes are jittered
@@ -197,62 +268,37 @@ class PPCRConfig:
     # of F_Map's shape: 1.5-4 % box IoU, against 26-40 % with the expression; notes/learning.md). The teacher
     # plays the part of the paper's grounding-pretrained (GranD) initialisation of LoRA B.
     train_spatial_distill: float = 0.0
-    # not in the paper (a small-scale choice; 1 = the paper's single slot): how many input slots of the spatial
-    # prompt carry P_seg_txt. `[P_SEG]` becomes this many `[P_SEG]` tokens and the soft-token projection maps the one
-    # vector P_seg_txt to as many input embeddings, so the small LLM has more positions to read it from. On the demo
-    # (1,200 evaluated expressions per seed) 4 slots lifted ppcr's box accuracy@0.5 by +1.8 / +10.3 points and its
-    # mIoU by -0.2 / +3.7 (seeds 0 / 1; notes/learning.md).
-    soft_prompt_tokens: int = 1
-    eval_semantic_template: int = 0
-    eval_spatial_template: int = 0
-    seed: int = 0
 
-    # -- derived -------------------------------------------------------------------------------------------
-    @property
-    def spec(self) -> VariantSpec:
-        return variant_spec(self.variant)
+    def __post_init__(self) -> None:
+        if self.train_box_prompt not in ("pred", "gt", "mixed"):
+            raise ValueError(f"train_box_prompt must be 'pred', 'gt' or 'mixed', not {self.train_box_prompt!r}")
 
-    @property
-    def sam_prompt_dim(self) -> int:
-        return self.sam.prompt_embed_dim
-
-    # -- (de)serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PPCRConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "TrainingRecipe":
         d = dict(d)
-        subs = {"vision": VisionConfig, "text": TextConfig, "sam": SamSettings, "lora": LoraSettings,
-                "loss": LossWeights}
-        for key, sub_cls in subs.items():
-            if key in d and isinstance(d[key], dict):
-                sub = dict(d[key])
-                if key == "sam" and "encoder_global_attn_indexes" in sub:
-                    sub["encoder_global_attn_indexes"] = tuple(sub["encoder_global_attn_indexes"])
-                d[key] = sub_cls(**sub)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown PPCRConfig keys: {sorted(unknown)}")
-        cfg = cls(**d)
-        variant_spec(cfg.variant)  # validate
-        return cfg
+            raise ValueError(f"unknown training recipe keys: {sorted(unknown)}")
+        if isinstance(d.get("loss"), dict):
+            d["loss"] = LossWeights(**d["loss"])
+        return cls(**d)
 
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-
-    @classmethod
-    def load_json(cls, path: str | Path) -> "PPCRConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def replace(self, **changes: Any) -> "PPCRConfig":
-        """A copy with `changes`. A dict for a sub-config (vision, text, sam, lora, loss) changes only the fields
-        it names, e.g. `lora={"r": 32}` from a profile's `model:` block."""
-        for key, value in changes.items():
-            if isinstance(value, dict) and dataclasses.is_dataclass(getattr(self, key, None)):
-                changes[key] = dataclasses.replace(getattr(self, key), **value)
+    def replace(self, **changes: Any) -> "TrainingRecipe":
+        if isinstance(changes.get("loss"), dict):
+            changes["loss"] = dataclasses.replace(self.loss, **changes["loss"])
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class PromptChoice:
+    """Which question template each branch reads outside training (training samples them; evaluation, `predict`
+    and the FLOP count take these, the first by default)."""
+
+    semantic_template: int = 0
+    spatial_template: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +312,7 @@ def paper_config(**overrides: Any) -> PPCRConfig:
 
 
 def small_config(**overrides: Any) -> PPCRConfig:
-    """The model the synthetic (SynRef) reproduction trains: ~20M parameters."""
+    """The model the synthetic (SynRef) reproduction trains: about 8.2M parameters."""
     cfg = PPCRConfig(
         preset="small",
         vision=VisionConfig(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=4,

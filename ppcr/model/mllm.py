@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +60,37 @@ def llava_config(config: PPCRConfig, tokenizer: PreTrainedTokenizerBase) -> Llav
     )
 
 
+class WeightsError(ValueError):
+    """Pretrained weights that do not fit the model they are loaded into (nothing is initialised in their place)."""
+
+
 def check_llava_path(llava_path: str | Path) -> Path:
+    """The folder of a llava-hf style LLaVA: config.json and its weights (`*.safetensors`, or `pytorch_model*.bin`
+    shards read with `weights_only=True`), else a one-line error."""
     path = Path(llava_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"LLaVA weights not found at {path} (expected a llava-hf/llava-1.5-7b-hf style folder with "
-            f"config.json and *.safetensors); nothing can be downloaded here."
+            f"config.json and *.safetensors or pytorch_model*.bin); nothing can be downloaded here."
         )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"LLaVA folder {path} has a config.json but no weights (*.safetensors or "
+                                "pytorch_model*.bin)")
     return path
+
+
+def check_loading_info(info: dict[str, Any], source: str | Path, what: str = "LLaVA") -> None:
+    """Refuse a load that left tensors to random initialisation or ignored some of the file's (transformers'
+    `from_pretrained` only reports them): the counts and the first few names of each."""
+    problems = []
+    for key, label in (("missing_keys", "missing (would be random)"), ("unexpected_keys", "unexpected"),
+                       ("mismatched_keys", "of another shape")):
+        names = sorted(str(k) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} {label}, e.g. {names[:3]}")
+    if problems:
+        raise WeightsError(f"{what} weights at {source} do not fit this model: {'; '.join(problems)}. Is it a "
+                           "llava-hf layout (convert GLaMM's or the original LLaVA's release first)?")
 
 
 def build_llava(config: PPCRConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
@@ -74,10 +98,12 @@ def build_llava(config: PPCRConfig, tokenizer: PreTrainedTokenizerBase) -> Llava
     dtype = torch_dtype(config.dtype)
     if config.llava_path is not None:
         path = check_llava_path(config.llava_path)
-        llava = LlavaForConditionalGeneration.from_pretrained(
+        # safetensors, or .bin shards (transformers reads them with torch.load(weights_only=True): no code runs)
+        llava, info = LlavaForConditionalGeneration.from_pretrained(
             str(path), dtype=dtype, local_files_only=True, attn_implementation=config.attn_implementation,
-            use_safetensors=True,
+            output_loading_info=True,
         )
+        check_loading_info(info, path)
         if llava.get_input_embeddings().num_embeddings < len(tokenizer):
             llava.resize_token_embeddings(len(tokenizer))
     else:

@@ -1,17 +1,19 @@
 """PPCR: Semantic Understanding -> Spatial Grounding -> Instance Segmentation (§3 of the paper).
 
     image, expression
-      |  stage 1 (branch A, "semantic"):  LLaVA(image, semantic prompt) -> h[SEG] -> text_hidden_fcs -> P_seg_txt
-      |  stage 2 (branch B, "spatial"):   LLaVA(image, spatial prompt with P_seg_txt as a soft token) -> h[BOX]
+      |  step 1 (branch A, "semantic"):  LLaVA(image, semantic prompt) -> h[SEG] -> text_hidden_fcs -> P_seg_txt
+      |  step 2 (branch B, "spatial"):   LLaVA(image, spatial prompt with P_seg_txt as a soft token) -> h[BOX]
       |                                   = P_seg_box -> F_Map -> normalised box b~ -> pixels b^ (Eq. 4-5)
-      |  stage 3 (SAM):                   prompt encoder(b^) + [P_seg_txt] -> mask decoder -> mask (Eq. 6)
+      |  step 3 (SAM):                    prompt encoder(b^) + [P_seg_txt] -> mask decoder -> mask (Eq. 6)
 
-Every variant of Tables 2-3 is a switch of `PPCRConfig.variant` (see `config.VARIANTS`).
+Every variant of Tables 2-3 is a switch of `PPCRConfig.variant` (see `config.VARIANTS`). The three inference "steps"
+here are what the paper calls its stages; in this package "stages" are the training stages 0-3 (`ppcr.training`).
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +24,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ppcr.data.transforms import ImagePrep, target_patches
-from ppcr.losses import image_grounding_ce, spatial_distillation, total_loss
+from ppcr.model.losses import image_grounding_ce, spatial_distillation, total_loss
 from ppcr.model import prompts
-from ppcr.model.config import PPCRConfig
+from ppcr.model.config import PPCRConfig, PromptChoice, TrainingRecipe
 from ppcr.model.heads import AttentionBoxHead, MLPBoxHead, SegPromptHead, SoftTokenProjector, order_box
 from ppcr.model.mllm import MultimodalLLM, build_llava, check_llava_path
+from ppcr.model.persistence import load_weights_into, read_checkpoint, save_model
 from ppcr.model.segmentation import SamSegmenter, build_sam
 from ppcr.model.tokenizer import build_word_tokenizer, encode_pass, load_tokenizer
 
@@ -35,8 +38,8 @@ MAX_IMAGE_SIDE = 10_000
 
 
 @dataclass
-class StageOutputs:
-    """Everything the three stages produce for a batch of B expressions."""
+class StepOutputs:
+    """Everything the three steps produce for a batch of B expressions."""
 
     p_seg_txt: torch.Tensor  # (B, C) Semantic Segmentation Prompt
     p_seg_box: torch.Tensor | None  # (B, d) Spatial Segmentation Prompt (None for `glamm`)
@@ -56,7 +59,7 @@ class PPCROutput:
     loss: torch.Tensor | None
     losses: dict[str, torch.Tensor]
     mask_logits: list[torch.Tensor]  # per expression, (H, W) at the original resolution
-    stages: StageOutputs
+    steps: StepOutputs
 
 
 def image_prep_for(config: PPCRConfig) -> ImagePrep:
@@ -84,9 +87,11 @@ def validate_image(image: Any) -> np.ndarray:
 
 class PPCRModel(nn.Module):
     def __init__(self, config: PPCRConfig, tokenizer: PreTrainedTokenizerBase, mllm: MultimodalLLM,
-                 segmenter: SamSegmenter):
+                 segmenter: SamSegmenter, recipe: TrainingRecipe | None = None):
         super().__init__()
         self.config = config
+        self.recipe = recipe or TrainingRecipe()  # how stages 2-3 train it (losses, box prompting, additions)
+        self.prompt_choice = PromptChoice()  # the templates read outside training
         self.tokenizer = tokenizer
         self.mllm = mllm
         self.segmenter = segmenter
@@ -105,14 +110,14 @@ class PPCRModel(nn.Module):
         # the small presets' image-token grounding loss (`train_image_grounding`; not in the paper), one head for
         # both branches: image-token hidden state (d) -> grounding logit
         self.grounding_head: nn.Linear | None = None
-        if config.train_image_grounding > 0:
+        if self.recipe.train_image_grounding > 0:
             if not config.image_after_prompt:
                 raise ValueError("train_image_grounding needs image_after_prompt: with the image before the prompt "
                                  "the image tokens cannot see what is asked")
             self.grounding_head = nn.Linear(d, 1)
         # the small presets' box term on P_seg_txt (`train_semantic_box`; not in the paper): P_seg_txt (C) -> box
         self.semantic_box_head: MLPBoxHead | None = None
-        if config.train_semantic_box > 0:
+        if self.recipe.train_semantic_box > 0:
             self.semantic_box_head = MLPBoxHead(c, config.box_head_hidden)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -120,17 +125,20 @@ class PPCRModel(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
     def build(cls, config: PPCRConfig, tokenizer: PreTrainedTokenizerBase | None = None,
-              extra_words: Sequence[str] = ()) -> "PPCRModel":
-        """Build every module; weights from the config's local paths, or random (seeded) where none is given."""
+              extra_words: Sequence[str] = (), recipe: TrainingRecipe | None = None) -> "PPCRModel":
+        """Build every module; weights from the config's local paths, or random (seeded) where none is given.
+        `recipe` (default: the paper's) adds the training-only heads of the reproduction's additions it turns on."""
         if config.llava_path is not None:
             check_llava_path(config.llava_path)  # before the tokenizer, so the message names the weights
+        if config.sam_checkpoint is not None and not Path(config.sam_checkpoint).is_file():  # before the (7B) LLaVA
+            raise FileNotFoundError(f"SAM checkpoint not found: {config.sam_checkpoint}")
         if tokenizer is None:
             tok_path = config.tokenizer_path or config.llava_path
             tokenizer = load_tokenizer(tok_path) if tok_path else build_word_tokenizer(extra_words)
         torch.manual_seed(config.seed)
         llava = build_llava(config, tokenizer)
         sam = build_sam(config.sam, config.sam_checkpoint)
-        model = cls(config, tokenizer, MultimodalLLM(llava, config, tokenizer), SamSegmenter(sam))
+        model = cls(config, tokenizer, MultimodalLLM(llava, config, tokenizer), SamSegmenter(sam), recipe)
         model.set_default_trainable()
         return model
 
@@ -167,7 +175,7 @@ class PPCRModel(nn.Module):
         return self.text_hidden_fcs[0].weight.device
 
     # ---------------------------------------------------------------------------------------------------------
-    # the three stages
+    # the three steps (the paper calls them stages; here "stages" are the training stages)
     # ---------------------------------------------------------------------------------------------------------
     def _grounding(self) -> bool:
         """Whether this pass computes the image-token grounding logits (training with the loss on)."""
@@ -179,39 +187,48 @@ class PPCRModel(nn.Module):
             return None
         return self.grounding_head(image_hidden.float()).squeeze(-1)
 
-    def semantic_stage(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
-                       rng: random.Random | None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Branch A: (N, N_img, d) features per image, (B,) image of each expression -> P_seg_txt (B, C), CE and
-        (training with `train_image_grounding`) the image tokens' grounding logits (B, N_img)."""
+    def semantic_hidden(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
+                        rng: random.Random | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Branch A's LLM pass: (N, N_img, d) features per image, (B,) image of each expression -> the LLM's last
+        hidden state at `[SEG]`, h[SEG] (B, d), CE (training) and the image tokens' hidden states (B, N_img, d)
+        (training with `train_image_grounding`). `semantic_step` turns h[SEG] into P_seg_txt; the probes of
+        `ppcr.evaluation.probes` read it as it is."""
         cfg = self.config
         ctx, ans = zip(*[
             prompts.conversation(
-                prompts.fill(prompts.pick_template(prompts.SEMANTIC_TEMPLATES, rng, cfg.eval_semantic_template), e),
+                prompts.fill(prompts.pick_template(prompts.SEMANTIC_TEMPLATES, rng, self.prompt_choice.semantic_template), e),
                 prompts.SEMANTIC_ANSWER, cfg.system_prompt, cfg.image_after_prompt)
             for e in expressions
         ])
         enc = encode_pass(self.tokenizer, ctx, ans, prompts.SEG_TOKEN, image_features.shape[1]).to(self.device)
-        h_seg, ce, image_hidden = self.mllm.run_branch("semantic", enc, image_features, image_index,
-                                                       compute_ce=self.training, image_hidden=self._grounding())
+        return self.mllm.run_branch("semantic", enc, image_features, image_index,
+                                    compute_ce=self.training, image_hidden=self._grounding())
+
+    def semantic_step(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
+                       rng: random.Random | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Branch A: (N, N_img, d) features per image, (B,) image of each expression -> P_seg_txt (B, C), CE and
+        (training with `train_image_grounding`) the image tokens' grounding logits (B, N_img)."""
+        h_seg, ce, image_hidden = self.semantic_hidden(image_features, image_index, expressions, rng)
         return self.text_hidden_fcs(h_seg.float()), ce, self._grounding_logits(image_hidden)
 
     def _distilling(self) -> bool:
         """Whether this pass distils branch B from the teacher (training, `train_spatial_distill`, a soft token)."""
-        return (self.training and self.config.train_spatial_distill > 0
+        return (self.training and self.recipe.train_spatial_distill > 0
                 and self.config.spec.spatial_source != "re")
 
-    def spatial_stage(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
+    def spatial_step(self, image_features: torch.Tensor, image_index: torch.Tensor, expressions: Sequence[str],
                       p_seg_txt: torch.Tensor, rng: random.Random | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
                                  torch.Tensor | None]:
         """Branch B: spatial prompt (with P_seg_txt as soft token) -> P_seg_box (B, d), raw box (B, 4), CE, the
-        grounding logits (B, N_img) as in `semantic_stage` and (training with `train_spatial_distill`) the
+        grounding logits (B, N_img) as in `semantic_step` and (training with `train_spatial_distill`) the
         distillation term against the LoRA-free LLM reading the same template with the expression."""
         cfg = self.config
         source = cfg.spec.spatial_source
         templates = prompts.spatial_templates(source)
-        chosen = [prompts.pick_template(templates, rng, cfg.eval_spatial_template) for _ in expressions]
+        chosen = [prompts.pick_template(templates, rng, self.prompt_choice.spatial_template) for _ in expressions]
 
         def encode(questions: Sequence[str]):
             ctx, ans = zip(*[prompts.conversation(q, prompts.SPATIAL_ANSWER, cfg.system_prompt,
@@ -239,18 +256,25 @@ class PPCRModel(nn.Module):
     def _jitter_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """(B, 4) ground-truth pixel boxes moved by up to `train_gt_box_jitter` of their size per coordinate (as
         stage 0 trains SAM), so SAM learns to follow a box that is only roughly right, like a predicted one."""
-        if self.config.train_gt_box_jitter <= 0:
+        if self.recipe.train_gt_box_jitter <= 0:
             return boxes
         wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-        noise = (torch.rand_like(boxes) * 2 - 1) * self.config.train_gt_box_jitter
+        noise = (torch.rand_like(boxes) * 2 - 1) * self.recipe.train_gt_box_jitter
         return boxes + noise * wh
 
-    def box_prompt_mode(self) -> str:
-        if not self.config.spec.uses_spatial_stage:
+    def box_prompt_mode(self, box: str | None = None) -> str:
+        """The box SAM gets: "none", "pred", "gt" or "mixed". Training follows `train_box_prompt`; evaluation the
+        variant's `eval_box`, or `box` when given ("pred" or "gt": the same weights with their own box or the
+        ground-truth one, as `gt_box_oracle` evaluates `ppcr`'s checkpoint)."""
+        if not self.config.spec.uses_spatial_step:
             return "none"
-        return self.config.train_box_prompt if self.training else self.config.spec.eval_box
+        if self.training:
+            return self.recipe.train_box_prompt
+        if box is not None and box not in ("pred", "gt"):
+            raise ValueError(f"box must be 'pred' or 'gt', not {box!r}")
+        return box or self.config.spec.eval_box
 
-    def run_stages(
+    def run_steps(
         self,
         image_features: torch.Tensor,
         sam_embeddings: torch.Tensor,
@@ -259,22 +283,24 @@ class PPCRModel(nn.Module):
         original_sizes: Sequence[tuple[int, int]],
         gt_boxes: torch.Tensor | None = None,
         rng: random.Random | None = None,
-    ) -> StageOutputs:
-        """All three stages for B expressions on N distinct images.
+        box: str | None = None,
+    ) -> StepOutputs:
+        """All three steps for B expressions on N distinct images.
 
         image_features: (N, N_img, d) CLIP features per image; sam_embeddings: (N, C, s, s) SAM encoder output per
         image; image_index: (B,) the image of each expression; gt_boxes: (B, 4) pixels (needed by the oracle and
-        by `train_box_prompt="gt"`).
+        by `train_box_prompt="gt"`); box: at evaluation, the box SAM gets instead of the variant's own
+        (`box_prompt_mode`).
         """
         if len(expressions) != image_index.shape[0]:
             raise ValueError(f"{len(expressions)} expressions for {image_index.shape[0]} image indices")
         expressions = [prompts.check_expression(e) for e in expressions]
-        p_seg_txt, ce_sem, ground_sem = self.semantic_stage(image_features, image_index, expressions, rng)
+        p_seg_txt, ce_sem, ground_sem = self.semantic_step(image_features, image_index, expressions, rng)
         ce_terms = [ce_sem] if ce_sem is not None else []
         grounding = [ground_sem] if ground_sem is not None else []
         p_seg_box = boxes_raw = boxes_norm = distill = None
-        if self.config.spec.uses_spatial_stage:
-            p_seg_box, boxes_raw, ce_spa, ground_spa, distill = self.spatial_stage(image_features, image_index,
+        if self.config.spec.uses_spatial_step:
+            p_seg_box, boxes_raw, ce_spa, ground_spa, distill = self.spatial_step(image_features, image_index,
                                                                                    expressions, p_seg_txt, rng)
             boxes_norm = order_box(boxes_raw)
             if ce_spa is not None:
@@ -283,11 +309,11 @@ class PPCRModel(nn.Module):
                 grounding.append(ground_spa)
 
         wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
-        mode = self.box_prompt_mode()
+        mode = self.box_prompt_mode(box)
         sam_boxes = None
         if mode in ("pred", "mixed"):
             sam_boxes = boxes_norm * wh  # Eq. 5
-            if self.config.detach_box_for_sam:
+            if self.recipe.detach_box_for_sam:
                 sam_boxes = sam_boxes.detach()
         if mode in ("gt", "mixed"):
             if gt_boxes is None:
@@ -298,14 +324,16 @@ class PPCRModel(nn.Module):
             if mode == "gt":
                 sam_boxes = gt
             else:  # teacher forcing for a share of the expressions, the predicted box for the others
-                use_gt = torch.rand(gt.shape[0], 1, device=self.device) < self.config.train_gt_box_prob
+                use_gt = torch.rand(gt.shape[0], 1, device=self.device) < self.recipe.train_gt_box_prob
                 sam_boxes = torch.where(use_gt, gt, sam_boxes)
         boxes_in = None if sam_boxes is None else self.segmenter.boxes_to_input_frame(sam_boxes, list(original_sizes))
         low_res, iou = self.segmenter.decode(sam_embeddings, image_index, boxes_in, p_seg_txt)
         semantic_boxes = None
         if self.semantic_box_head is not None:
             semantic_boxes = self.semantic_box_head(p_seg_txt.float())
-        return StageOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou, ce_terms,
+        # SAM's IoU score is no term of Eq. 7 (its head gets no gradient): detached, so that under DDP every output
+        # tensor leads to the loss and the head counts as unused, not as a gradient still to come
+        return StepOutputs(p_seg_txt, p_seg_box, boxes_norm, boxes_raw, sam_boxes, low_res, iou.detach(), ce_terms,
                             grounding, semantic_boxes, distill)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -343,33 +371,35 @@ class PPCRModel(nn.Module):
 
     def forward(self, batch: dict[str, Any], rng: random.Random | None = None,
                 sam_cache: MutableMapping[str, torch.Tensor] | None = None,
-                compute_loss: bool = True) -> PPCROutput:
-        """A collated batch of `ppcr.data.dataset.ReferSegDataset` items -> masks, boxes and the Eq. 7 losses."""
+                compute_loss: bool = True, box: str | None = None) -> PPCROutput:
+        """A collated batch of `ppcr.data.dataset.ReferSegDataset` items -> masks, boxes and the Eq. 7 losses.
+        `box` ("pred" or "gt", evaluation only): the box SAM gets instead of the variant's (`box_prompt_mode`)."""
         image_features, sam_embeddings, image_index = self.encode_batch_images(batch, sam_cache)
         original_sizes = [tuple(s) for s in batch["original_size"]]
         gt_boxes = _stack_boxes(batch["box"]).to(self.device) if "box" in batch else None
-        stages = self.run_stages(image_features, sam_embeddings, image_index, batch["expression"], original_sizes,
-                                 gt_boxes=gt_boxes, rng=rng)
-        masks = self.segmenter.postprocess(stages.low_res_masks, batch["sam_input_size"], original_sizes)
+        steps = self.run_steps(image_features, sam_embeddings, image_index, batch["expression"], original_sizes,
+                                 gt_boxes=gt_boxes, rng=rng, box=box)
+        masks = self.segmenter.postprocess(steps.low_res_masks, batch["sam_input_size"], original_sizes)
         losses: dict[str, torch.Tensor] = {}
         loss = None
         if compute_loss and "mask" in batch:
             targets = [m.to(self.device) for m in batch["mask"]]
             target_norm = None
-            if stages.boxes_raw is not None or stages.semantic_boxes is not None:
+            if steps.boxes_raw is not None or steps.semantic_boxes is not None:
                 wh = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=self.device)
                 target_norm = gt_boxes / wh
             grounding = []
-            if stages.grounding_logits:  # the image-token grounding loss per LLM pass, against the target's patches
+            if steps.grounding_logits:  # the image-token grounding loss per LLM pass, against the target's patches
                 grid = self.config.vision.patch_grid
                 patches = torch.stack([target_patches(m.cpu().numpy(), grid) for m in batch["mask"]])
-                grounding = [image_grounding_ce(g, patches) for g in stages.grounding_logits]
-            losses = total_loss(self.config.loss, masks, targets, stages.boxes_raw, target_norm, stages.ce_terms,
-                                grounding, self.config.train_image_grounding,
-                                stages.semantic_boxes, self.config.train_semantic_box,
-                                stages.distill, self.config.train_spatial_distill)
+                grounding = [image_grounding_ce(g, patches) for g in steps.grounding_logits]
+            recipe = self.recipe
+            losses = total_loss(recipe.loss, masks, targets, steps.boxes_raw, target_norm, steps.ce_terms,
+                                grounding, recipe.train_image_grounding,
+                                steps.semantic_boxes, recipe.train_semantic_box,
+                                steps.distill, recipe.train_spatial_distill)
             loss = losses["total"]
-        return PPCROutput(loss, losses, masks, stages)
+        return PPCROutput(loss, losses, masks, steps)
 
     # ---------------------------------------------------------------------------------------------------------
     # inference on raw images
@@ -422,7 +452,7 @@ class PPCRModel(nn.Module):
             index = torch.tensor([i for i, _ in chunk], device=self.device)
             sizes = [original[i] for i, _ in chunk]
             gt = None if boxes is None else torch.tensor(boxes[start:start + batch_size], dtype=torch.float32)
-            st = self.run_stages(image_features, sam_embeddings, index, [e for _, e in chunk], sizes, gt_boxes=gt)
+            st = self.run_steps(image_features, sam_embeddings, index, [e for _, e in chunk], sizes, gt_boxes=gt)
             masks = self.segmenter.postprocess(st.low_res_masks, [sam_in[i][1] for i, _ in chunk], sizes)
             for j, (i, expr) in enumerate(chunk):
                 results.append({
@@ -442,15 +472,16 @@ class PPCRModel(nn.Module):
     # persistence (see ppcr.model.persistence)
     # ---------------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        from ppcr.model.persistence import save_model
-
         save_model(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, **config_overrides: Any) -> "PPCRModel":
-        from ppcr.model.persistence import load_model
-
-        return load_model(directory, **config_overrides)
+        """The model a checkpoint folder holds (`config_overrides`: e.g. `variant="gt_box_oracle"` to load `ppcr`'s
+        weights as the oracle)."""
+        config, recipe, tokenizer = read_checkpoint(directory, **config_overrides)
+        model = cls.build(config, tokenizer=tokenizer, recipe=recipe)
+        load_weights_into(model, directory)
+        return model
 
 
 def _distinct_images(batch: dict[str, Any]) -> dict[str, int]:

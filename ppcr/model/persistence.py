@@ -1,7 +1,8 @@
 """Save and load a PPCR model without executing any pickle.
 
 A checkpoint folder holds:
-    config.json              PPCRConfig
+    config.json              PPCRConfig (the architecture)
+    recipe.json              TrainingRecipe (how it was trained; its training-only heads are among the tensors)
     tokenizer/               the tokenizer (transformers' format)
     adapters/                both LoRA branches in peft's format (adapters/semantic, adapters/spatial)
     trainable.safetensors    every other trainable tensor: the heads, SAM's prompt encoder and mask decoder,
@@ -14,18 +15,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from ppcr.model.config import PPCRConfig
+from ppcr.model.config import PPCRConfig, TrainingRecipe
 from ppcr.model.tokenizer import load_tokenizer
 
-if TYPE_CHECKING:
-    from ppcr.model.modeling_ppcr import PPCRModel
+# `model` below is a `ppcr.model.modeling_ppcr.PPCRModel` (this module sits below it: PPCRModel.save_pretrained
+# and from_pretrained call it), read through its attributes config, tokenizer, mllm and state_dict.
 
 TRAINABLE_MODULES = ("text_hidden_fcs.", "seg_to_llm.", "box_head.", "grounding_head.", "semantic_box_head.",
                      "segmenter.sam.prompt_encoder.", "segmenter.sam.mask_decoder.")
@@ -37,10 +40,11 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
-def save_model(model: "PPCRModel", directory: str | Path) -> Path:
+def save_model(model: nn.Module, directory: str | Path) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_json(out / "config.json")
+    (out / "recipe.json").write_text(json.dumps(model.recipe.to_dict(), indent=2, sort_keys=True))
     model.tokenizer.save_pretrained(str(out / "tokenizer"))
     model.mllm.peft.save_pretrained(str(out / "adapters"), selected_adapters=["semantic", "spatial"])
 
@@ -66,23 +70,26 @@ def save_model(model: "PPCRModel", directory: str | Path) -> Path:
     return out
 
 
-def load_model(directory: str | Path, **config_overrides: Any) -> "PPCRModel":
-    from ppcr.model.modeling_ppcr import PPCRModel
-
+def read_checkpoint(directory: str | Path, **config_overrides: Any
+                    ) -> tuple[PPCRConfig, TrainingRecipe, PreTrainedTokenizerBase]:
+    """A checkpoint folder's config (with `config_overrides`), training recipe and tokenizer, to build the model its
+    weights fit."""
     src = Path(directory)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"not a PPCR checkpoint (no config.json): {src}")
     config = PPCRConfig.load_json(src / "config.json")
     if config_overrides:
         config = config.replace(**config_overrides)
-    tokenizer = load_tokenizer(src / "tokenizer")
-    model = PPCRModel.build(config, tokenizer=tokenizer)
-    load_weights_into(model, src)
-    return model
+    recipe_file = src / "recipe.json"
+    if not recipe_file.is_file():
+        raise FileNotFoundError(f"checkpoint {src} has no recipe.json: it was written before the training recipe "
+                                "was split from the config; train it again")
+    recipe = TrainingRecipe.from_dict(json.loads(recipe_file.read_text()))
+    return config, recipe, load_tokenizer(src / "tokenizer")
 
 
 def load_weights_into(
-    model: "PPCRModel",
+    model: nn.Module,
     src: str | Path,
     prefixes: tuple[str, ...] | None = None,
     branches: tuple[str, ...] = ("semantic", "spatial"),

@@ -1,4 +1,4 @@
-"""Stage 3, Instance Segmentation: segment-anything's SAM prompted by the box and the Semantic SP.
+"""Step 3, Instance Segmentation: segment-anything's SAM prompted by the box and the Semantic SP.
 
 The image encoder is frozen (its embeddings can be cached per image); the prompt encoder embeds the box, the
 Semantic Segmentation Prompt P_seg_txt is appended as one more sparse prompt embedding (as LISA/GLaMM feed their
@@ -7,11 +7,13 @@ Semantic Segmentation Prompt P_seg_txt is appended as one more sparse prompt emb
 
 from __future__ import annotations
 
-from functools import partial
+import pickle
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
@@ -58,7 +60,17 @@ def build_sam(settings: SamSettings, checkpoint: str | Path | None = None) -> Sa
         pixel_std=[58.395, 57.12, 57.375],
     )
     if checkpoint is not None:
-        sam.load_state_dict(load_sam_state_dict(checkpoint))
+        state = load_sam_state_dict(checkpoint)
+        own = sam.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or shaped:
+            raise ValueError(f"SAM weights at {checkpoint} do not fit this SAM ({settings.encoder_embed_dim}-dim "
+                             f"encoder, depth {settings.encoder_depth}): {len(missing)} missing, e.g. {missing[:3]}; "
+                             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(shaped)} of another shape, "
+                             f"e.g. {shaped[:3]}")
+        sam.load_state_dict(state, strict=True)
     return sam
 
 
@@ -70,11 +82,19 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"SAM checkpoint not found: {path}. Give the official sam_vit_h_4b8939.pth (or a .safetensors "
             f"state dict); nothing can be downloaded here."
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a pickle that would run code: refused by weights_only, said in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise pickle.UnpicklingError(f"SAM checkpoint {path} holds objects that would run code when loaded; refused "
+                                     f"(torch.load weights_only=True: {first})") from None
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+        raise ValueError(f"SAM checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"SAM checkpoint {path} is not a state dict of tensors")
+    return state
 
 
 class SamSegmenter(nn.Module):

@@ -3,6 +3,8 @@
 - `paper` preset: the LLaVA-1.5 tokenizer from the local llava-hf folder, with `[SEG]`, `[BOX]`, `[P_SEG]` added.
 - small presets: a word-level tokenizer built offline with the `tokenizers` library over the prompt templates and
   the SynRef vocabulary, wrapped as a transformers `PreTrainedTokenizerFast` (saved and loaded like any other).
+  Words outside its vocabulary become `<unk>`; `unknown_words` names them, so that `ppcr predict` and the
+  explorer can say that a mask ignored them.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ppcr.data.synref import vocabulary
 from ppcr.model import prompts
 from ppcr.model.config import LLAVA_SYSTEM_PROMPT
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+BOX_BINS = 32  # the small LLaVA (stage 1) answers boxes as integers 0..31 of the image width/height
+# the words of stage 1's answers ("Sure, it is a ...", "Sure, the bounding box is b1 b2 b3 b4.")
+PRETRAIN_WORDS = ["sure", "it", "is", "a", "the", "bounding", "box", ",", "."] + [str(i) for i in range(BOX_BINS)]
 
 
 def template_words() -> list[str]:
@@ -58,6 +64,11 @@ def build_word_tokenizer(extra_words: Iterable[str] = ()) -> PreTrainedTokenizer
     return wrapped
 
 
+def synref_tokenizer() -> PreTrainedTokenizerFast:
+    """The small presets' word tokenizer: the templates, SynRef's vocabulary and stage 1's answers."""
+    return build_word_tokenizer(list(vocabulary()) + PRETRAIN_WORDS)
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer from a local folder (LLaVA's or a saved PPCR one), with the PPCR tokens added if missing."""
     path = Path(path)
@@ -72,6 +83,36 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+def unknown_words(tokenizer: PreTrainedTokenizerBase, expression: str) -> list[str]:
+    """The words of `expression` that `tokenizer` does not know, in order, each once (ignoring case): the text of
+    every token it maps to its unk token (the small presets' word tokenizer does so for words outside its closed
+    vocabulary, and the model then reads `<unk>` instead of them). [] for a tokenizer without an unk token, or
+    one that never produces it, such as the paper preset's LLaMA BPE tokenizer (it falls back to bytes, so every
+    word is representable)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not expression.strip():
+        return []
+    if tokenizer.is_fast:  # the unk tokens' spans of the original text (its case kept)
+        enc = tokenizer(expression, add_special_tokens=False, return_offsets_mapping=True)
+        found = [expression[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+    else:  # a slow tokenizer: whitespace-separated words one at a time
+        found = [w for w in expression.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    once: dict[str, str] = {}
+    for word in found:
+        if word:
+            once.setdefault(word.casefold(), word)
+    return list(once.values())
+
+
+def unknown_words_warning(words: Sequence[str]) -> str:
+    """One line naming the words a model did not understand ("" for none)."""
+    if not words:
+        return ""
+    quoted = ", ".join(f"\u201c{w}\u201d" for w in words)
+    return (f"{len(words)} word{'s' if len(words) > 1 else ''} not in the model's vocabulary ({quoted}): it reads "
+            "them as <unk>, so the mask does not follow them")
 
 
 @dataclass

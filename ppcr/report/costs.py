@@ -6,6 +6,10 @@ import statistics
 import time
 from typing import Any
 
+import torch
+
+from ppcr.model.config import preset_config
+from ppcr.model.heads import AttentionBoxHead, MLPBoxHead
 from ppcr.report.study import Study
 from ppcr.report.tables import Column, Table, scale_text
 
@@ -17,7 +21,7 @@ def mlp_head_flops(d: int, hidden: int) -> int:
 
 def attention_head_flops(d: int, dim: int, layers: int, queries: int, image_tokens: int) -> int:
     """Multiply-adds x 2 of the attention head for one expression (norms, softmax and biases left out; the same
-    count as `ppcr.flops.box_head_flops`).
+    count as `ppcr.perf.flops.box_head_flops`).
 
     Per decoder layer with Q = 1 + queries query tokens and N image tokens: self-attention (QKV and output
     projections, scores, weighted sum), cross-attention (Q/output projections on the queries, K/V projections of
@@ -38,8 +42,6 @@ def time_modules(modules: dict[str, Any], inputs: tuple[Any, ...], repeats: int,
                  warmup: int = 3) -> dict[str, float]:
     """Median seconds of one forward of each module. Runs are interleaved (a, b, a, b, ...) so a change of load on
     the machine affects every module alike; on a CPU they run on one thread (no contention between threads)."""
-    import torch
-
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -71,10 +73,7 @@ def box_head_costs(study: Study | None = None, preset: str | None = None, device
     given) with random weights; a batch of `batch` random P_seg_box vectors (and image features for the attention
     head) is timed on `device`, median of `repeats` forwards.
     """
-    import torch
 
-    from ppcr.model.config import preset_config
-    from ppcr.model.heads import AttentionBoxHead, MLPBoxHead
 
     preset = preset or (study.preset if study is not None else "tiny")
     cfg = preset_config(preset)

@@ -8,18 +8,18 @@ from typing import Any
 
 import numpy as np
 
+from ppcr.data.refer import Refer, decode_segmentation, load_image
+from ppcr.data.synref_language import matches, parse, render_phrase, scene_objects
 from ppcr.report.stats import paired_rows
 from ppcr.report.study import Study
 
 
 def _refer(study: Study, dataset: str, data_root: str | Path | None = None):
-    from ppcr.data.refer import Refer
 
     return Refer(study.data_root(data_root), dataset, study.datasets.get(dataset, "unc"))
 
 
 def _decode(rle: dict[str, Any] | None, h: int, w: int) -> np.ndarray:
-    from ppcr.data.refer import decode_segmentation
 
     if rle is None:
         return np.zeros((h, w), dtype=np.uint8)
@@ -29,7 +29,6 @@ def _decode(rle: dict[str, Any] | None, h: int, w: int) -> np.ndarray:
 def failure_figure_rows(study: Study, cases: list[dict[str, Any]],
                         data_root: str | Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """`failure_cases` as the rows and reasons `ppcr.viz.fig7_failures` draws."""
-    from ppcr.data.refer import load_image
 
     rows, reasons = [], []
     for c in cases:
@@ -51,7 +50,6 @@ def qualitative_examples(study: Study, k: int = 4, dataset: str | None = None,
     Like the paper's Fig. 6 the examples are selected: the expressions where PPCR's IoU exceeds the GLaMM-style
     baseline's most (first seed); the sentence also gives the win/tie/loss count over every expression.
     """
-    from ppcr.data.refer import load_image
 
     dataset = dataset or ("refcocog" if "refcocog" in study.datasets else "synrefg")
     if "glamm" not in study.results or "ppcr" not in study.results:
@@ -95,8 +93,6 @@ def entity_example(study: Study, data_root: str | Path | None = None,
                    dataset: str | None = None) -> dict[str, Any] | None:
     """A relational expression with its entities for `ppcr.viz.fig1_entities`: image, expression, entity_boxes
     (target and landmark(s), from the annotations' synref boxes) and target mask. None without SynRef data."""
-    from ppcr.data.refer import load_image
-    from ppcr.data.synref_language import matches, parse, render_phrase, scene_objects
 
     dataset = dataset or "synrefg"
     if dataset not in study.datasets:

@@ -1,4 +1,4 @@
-"""Small helpers for the notebooks' charts and sentences, and the glue to ppcr.explorer."""
+"""Small helpers for the notebooks' charts and sentences, and the glue to ppcr.report.explorer."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ppcr.provenance import resolve_device
+from ppcr.report.explorer import PredictionExplorer
+from ppcr.report.static_explorer import static_explorer
 from ppcr.report.study import Study
 from ppcr.report.tables import cell
 
@@ -47,7 +50,6 @@ def make_explorer(study: Study, live: bool = False, device: str = "cpu", data_ro
     """A `PredictionExplorer` over the study's stored predictions (first seed unless `seed`); with `live`, the
     variants' checkpoints listed in the results files are loaded so new expressions can be run. `shown`: the
     variants selected at first (the others stay selectable)."""
-    from ppcr.explorer import PredictionExplorer
 
     predictions = {}
     for variant, by_seed in study.results.items():
@@ -55,9 +57,8 @@ def make_explorer(study: Study, live: bool = False, device: str = "cpu", data_ro
         if chosen in by_seed:
             predictions[variant] = by_seed[chosen]["rows"]
     models = {}
-    if live:
+    if live:  # (imported here: the model classes load transformers, peft and SAM, which only live models need)
         from ppcr.model.modeling_ppcr import PPCRModel
-        from ppcr.training.evaluate import resolve_device
 
         overrides = {k: v for k, v in {"llava_path": llava_path, "sam_checkpoint": sam_checkpoint}.items() if v}
         for variant in predictions:
@@ -102,7 +103,6 @@ def static_examples(explorer: Any, study: Study, k: int = 6, variant: str = "ppc
 
 
 def static_view(explorer: Any, study: Study, k: int = 6) -> str:
-    """The kernel-free explorer (`ppcr.static_explorer`) over `static_examples` and every variant of the study."""
-    from ppcr.static_explorer import static_explorer
+    """The kernel-free explorer (`ppcr.report.static_explorer`) over `static_examples` and every variant of the study."""
 
     return static_explorer(explorer, static_examples(explorer, study, k), list(explorer.variants))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from ppcr.paths import display_command, display_path
+from ppcr.report.paths import display_command, display_path
 from ppcr.report.study import Study
 
 

@@ -172,7 +172,7 @@ FOUNDATION_READER = "the foundation LLaVA's own \u201cwhere\u201d answer (decode
 
 
 def prompt_probe_table(study: Study) -> Table:
-    """Per val split: the box an MLP probe reads off ppcr's P_seg_txt alone (`ppcr.training.prompt_probe`) beside
+    """Per val split: the box an MLP probe reads off ppcr's P_seg_txt alone (`ppcr.evaluation.prompt_probe`) beside
     the boxes of ppcr and spatial_re on the same expressions; mean (std) over the seeds that have a probe."""
     probes = study.prompt_probe()
     answers = study.where_answers()

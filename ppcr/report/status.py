@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from ppcr.paths import display_path
+from ppcr.report.paths import display_path
 from ppcr.report.stats import GROUNDED_BOX_ACC, claims_table
 from ppcr.report.study import Study
-from ppcr.report.tables import Column, Table, cell, fill_gt_cell, foundation_text, scale_text, to_markdown
+from ppcr.report.tables import (Column, Table, cell, fill_gt_cell, foundation_text, markdown_text,
+                               scale_text, to_markdown)
 
 STATUS_VARIANTS = ("glamm", "ppcr", "gt_box_oracle")
 
@@ -86,12 +87,13 @@ def not_reproduced(study: Study) -> list[str]:
 
 
 def status_markdown(study: Study) -> str:
-    """The front page's block: the run line, the headline table (markdown) and what is not reproduced."""
+    """The front page's block: the run line, the headline table (markdown) and what is not reproduced (text
+    escaped for markdown: no `<...>` of a caption is read as an HTML tag)."""
     lines = [
         f"**This build:** profile `{study.profile}` (preset `{study.preset}`), device {study.device}, commit "
         f"`{study.commit}`, study of {study_date(study)} (`{display_path(study.run_dir)}`), seeds {study.seeds}.",
         "", to_markdown(status_table(study)), "",
         "**Not reproduced by this build:**", "",
-        *[f"- {note}" for note in not_reproduced(study)], "",
+        *[f"- {markdown_text(note)}" for note in not_reproduced(study)], "",
     ]
     return "\n".join(lines)

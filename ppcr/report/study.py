@@ -81,7 +81,7 @@ class Study:
         return out
 
     def prompt_probe(self) -> dict[int, dict[str, Any]]:
-        """seed -> the results of `ppcr.training.prompt_probe` for that seed's ppcr (empty for a study without)."""
+        """seed -> the results of `ppcr.evaluation.prompt_probe` for that seed's ppcr (empty for a study without)."""
         return self._indexed_json("prompt_probe")
 
     def foundation_eval(self) -> dict[int, dict[str, Any]]:

@@ -6,11 +6,13 @@ import csv
 import html
 import io
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
+from ppcr.model.shipped import REGENERATE, FoundationMismatch, load_manifest, regenerate_hint
 from ppcr.report.study import Study
 
 
@@ -84,19 +86,45 @@ def _header_rows(columns: list[Column]) -> list[list[tuple[str, int]]]:
     return levels
 
 
+# Wide tables (Table 1 has 19 columns) must stay inside the book's content column (about 780 px at a 1400 px
+# window): text wraps at its spaces only (a word with a hyphen is kept whole), "mean ± std" may break before the
+# "±" only, and what is still too wide scrolls sideways inside its own box (`div.ppcr-scroll`, styled inline too,
+# so it scrolls where a page drops the <style> block) under a hint that says so, its first column (the row's
+# name) staying in view.
 TABLE_STYLE = (
     "<style>"
-    "table.ppcr{border-collapse:collapse;font-size:0.78em;margin:0.5em 0}"
-    "table.ppcr th,table.ppcr td{border:1px solid #ccc;padding:2px 5px;text-align:center;white-space:nowrap}"
+    "table.ppcr{border-collapse:collapse;font-size:0.74em;margin:0.5em 0}"
+    "table.ppcr th,table.ppcr td{border:1px solid #ccc;padding:2px 4px;text-align:center;white-space:normal;"
+    "vertical-align:middle}"
     "table.ppcr td.left,table.ppcr th.left{text-align:left}"
+    "table.ppcr td.left{position:sticky;left:0;z-index:1;background:#fff;box-shadow:-4px 0 0 #fff,inset -1px 0 0 #ccc}"
+    "table.ppcr span.nobr{white-space:nowrap}"
     "table.ppcr tr.paper td{background:#f4f4f4;color:#333}"
     "table.ppcr tr.reproduced td{background:#eef6ff;font-weight:600}"
     "table.ppcr tr.sanity td{background:#fff8e1;font-style:italic}"
     "table.ppcr tr.first td{border-top:2px solid #555}"
     "p.ppcr-caption{font-size:0.8em;color:#444;margin-top:2px}"
+    "p.ppcr-hint{font-size:0.75em;color:#666;margin:0}"
     "div.ppcr-scroll{overflow-x:auto;max-width:100%}"
     "</style>"
 )
+SCROLL_DIV = '<div class="ppcr-scroll" style="overflow-x:auto;max-width:100%">'
+WIDE_COLUMNS = 10  # tables with more columns than this get the "scroll sideways" hint
+
+
+def _nobr(text: str) -> str:
+    return f'<span class="nobr">{html.escape(text)}</span>'
+
+
+def _html_cell(value: Any, digits: int) -> str:
+    """A cell's escaped text: a number whole ("mean ± std" may break before the "±"), text only at its spaces."""
+    text = format_cell(value, digits)
+    if isinstance(value, MeanStd) and " \u00b1 " in text:
+        mean, std = text.split(" \u00b1 ", 1)
+        return _nobr(mean) + " " + _nobr("\u00b1 " + std)
+    if isinstance(value, (int, float, MeanStd)):
+        return _nobr(text)
+    return " ".join(_nobr(word) if "-" in word else html.escape(word) for word in text.split(" "))
 
 
 def to_html(table: Table) -> str:
@@ -105,7 +133,9 @@ def to_html(table: Table) -> str:
     out.write(TABLE_STYLE)
     if table.title:
         out.write(f"<p><b>{html.escape(table.title)}</b></p>")
-    out.write('<div class="ppcr-scroll"><table class="ppcr"><thead>')
+    if len(table.columns) > WIDE_COLUMNS:
+        out.write('<p class="ppcr-hint">A wide table: where it does not fit, scroll it sideways.</p>')
+    out.write(SCROLL_DIV + '<table class="ppcr"><thead>')
     for cells in _header_rows(table.columns):
         out.write("<tr>" + "".join(f'<th colspan="{span}">{html.escape(label)}</th>' for label, span in cells)
                   + "</tr>")
@@ -119,7 +149,7 @@ def to_html(table: Table) -> str:
             classes.append("first")
         previous = source
         cells = "".join(
-            f'<td class="{"left" if i == 0 else ""}">{html.escape(format_cell(row.get(c.key), table.digits))}</td>'
+            f'<td class="{"left" if i == 0 else ""}">{_html_cell(row.get(c.key), table.digits)}</td>'
             for i, c in enumerate(table.columns))
         out.write(f'<tr class="{" ".join(c for c in classes if c)}">{cells}</tr>')
     out.write("</tbody></table></div>")
@@ -130,18 +160,34 @@ def to_html(table: Table) -> str:
     return out.getvalue()
 
 
+_CODE_SPAN = re.compile(r"(`+)(?:.*?)\1", re.DOTALL)
+
+
+def markdown_text(text: str) -> str:
+    """Plain text for markdown: `<` and `>` outside code spans as `&lt;` / `&gt;`, so that a placeholder such as
+    "where is <the expression>?" shows as written instead of being read as an HTML tag (and dropped)."""
+    out, last = [], 0
+    for span in _CODE_SPAN.finditer(text):
+        out.append(text[last:span.start()].replace("<", "&lt;").replace(">", "&gt;"))
+        out.append(span.group(0))
+        last = span.end()
+    out.append(text[last:].replace("<", "&lt;").replace(">", "&gt;"))
+    return "".join(out)
+
+
 def to_markdown(table: Table) -> str:
-    """A GitHub-markdown table; group headers are joined into the column labels."""
-    labels = [" ".join([*c.group, c.label]).strip() for c in table.columns]
-    lines = [f"**{table.title}**", ""] if table.title else []
+    """A GitHub-markdown table; group headers are joined into the column labels. Text is escaped for markdown
+    (`markdown_text`)."""
+    labels = [markdown_text(" ".join([*c.group, c.label]).strip()) for c in table.columns]
+    lines = [f"**{markdown_text(table.title)}**", ""] if table.title else []
     lines.append("| " + " | ".join(labels) + " |")
     lines.append("|" + "|".join(" --- " for _ in labels) + "|")
     for row in table.rows:
-        cells = [format_cell(row.get(c.key), table.digits).replace("|", "\\|") for c in table.columns]
+        cells = [markdown_text(format_cell(row.get(c.key), table.digits)).replace("|", "\\|") for c in table.columns]
         lines.append("| " + " | ".join(cells) + " |")
     if table.caption:
-        lines += ["", table.caption]
-    lines += [f"\n{note}" for note in table.notes]
+        lines += ["", markdown_text(table.caption)]
+    lines += [f"\n{markdown_text(note)}" for note in table.notes]
     return "\n".join(lines)
 
 
@@ -250,7 +296,6 @@ def foundation_text(study: Study) -> str:
     if not study.is_synthetic:
         return "Starting weights: the profile's local LLaVA and SAM paths. "
     if cfg.get("foundation") == "shipped":
-        from ppcr.foundation import REGENERATE, FoundationMismatch, load_manifest, regenerate_hint
 
         try:
             hint = regenerate_hint(load_manifest())
@@ -310,7 +355,7 @@ def pixels_in_box(box: list[float], height: int, width: int) -> int:
 
 
 def rle_area(rle: dict[str, Any]) -> int:
-    """Foreground pixels of a COCO RLE (as `ppcr.training.evaluate.encode_rle` stores it)."""
+    """Foreground pixels of a COCO RLE (as `ppcr.evaluation.evaluate.encode_rle` stores it)."""
     from pycocotools import mask as mask_utils
 
     counts = rle["counts"]

@@ -88,15 +88,17 @@ def sam_prompt_metrics(segmenter, data: Dataset, batch_size: int = 16) -> dict[s
 
 
 @torch.no_grad()
-def ris_val_metrics(model, data: Dataset, batch_size: int = 16, sam_cache=None) -> dict[str, float]:
-    """Val figures of a PPCR model (in its variant's evaluation mode): mIoU, oIoU, box accuracy@0.5 and mean box
-    IoU of the predicted box, and the mIoU of filling that predicted box (does SAM add anything over it?)."""
+def ris_val_metrics(model, data: Dataset, batch_size: int = 16, sam_cache=None, box: str | None = None
+                    ) -> dict[str, float]:
+    """Val figures of a PPCR model (in its variant's evaluation mode, or SAM given the `box` "pred" or "gt"): mIoU,
+    oIoU, box accuracy@0.5 and mean box IoU of the predicted box, and the mIoU of filling that predicted box (does
+    SAM add anything over it?)."""
     meter = RefSegMeter()
     fill: list[float] = []
     semantic: list[float] = []  # IoU of the box read from P_seg_txt (`train_semantic_box`)
     for batch in batches(data, batch_size):
-        out = model(batch, sam_cache=sam_cache, compute_loss=False)
-        st = out.stages
+        out = model(batch, sam_cache=sam_cache, compute_loss=False, box=box)
+        st = out.steps
         for j, logits in enumerate(out.mask_logits):
             gt = batch["mask"][j].numpy().astype(bool)
             h, w = batch["original_size"][j]

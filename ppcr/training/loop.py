@@ -1,5 +1,9 @@
 """One training loop for every stage, on HF accelerate (CPU, one GPU, DDP, DeepSpeed ZeRO-2).
 
+- Several processes (`torchrun`, `accelerate launch`): `batch_size` is the global batch of a step, split evenly
+  between the processes (each takes its slice of the same step's batch), so the schedule, the checkpoints and the
+  result are those of one process with that batch; only the main process writes.
+
 - AdamW with a linear warm-up then linear decay to zero (DeepSpeed's WarmupDecayLR), gradient clipping.
 - Deterministic: the data order is a function of (seed, epoch) and the RNGs are re-seeded at every step from
   (seed, step), so a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
@@ -15,6 +19,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -27,10 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, send_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
+
+from ppcr.provenance import resolve_device
+from ppcr.training import distributed
 
 # A hook for the resume tests: stop the process hard right after this optimisation step (as a kill would), in any
 # stage ("4") or only in the stage whose folder is named <stage>-<fingerprint> ("ppcr:4", "sam_pretrain:6").
@@ -143,23 +154,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _make_accelerator(cfg: LoopConfig):
-    from accelerate import Accelerator
-
+def _make_accelerator(cfg: LoopConfig) -> Accelerator:
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.grad_accum, "mixed_precision": cfg.mixed_precision,
-                              "cpu": _resolve_device(cfg.device) == "cpu"}
-    if cfg.deepspeed_config and torch.cuda.is_available():
-        from accelerate.utils import DeepSpeedPlugin
-
+                              "cpu": resolve_device(cfg.device) == "cpu"}
+    if distributed.world_size() > 1:
+        # the variants leave parts of the shared model idle in a step (glamm: branch B, the soft-token projection and
+        # F_Map; the oracle's box head ...): DDP must not wait for their gradients
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if cfg.deepspeed_config and torch.cuda.is_available() and distributed.world_size() > 1:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ImportError(f"the profile trains with DeepSpeed ({cfg.deepspeed_config}) on several GPUs: install it "
+                              "with `pip install .[gpu]` (or drop deepspeed_config for plain DDP)")
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed_config,
                                                      gradient_clipping=cfg.grad_clip)
-    return Accelerator(**kwargs)
+    return Accelerator(**kwargs)  # (one GPU: no DeepSpeed, ZeRO has nothing to shard)
+
+
+class RankSlice(Sampler[list[int]]):
+    """This process's part of every global batch: rows [rank * b, (rank + 1) * b) with b = batch / world size."""
+
+    def __init__(self, batches: StepBatchSampler, rank: int, world: int):
+        if batches.batch_size % world:
+            raise ValueError(f"batch size {batches.batch_size} does not split evenly over {world} processes")
+        self.batches, self.rank, self.per = batches, rank, batches.batch_size // world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch[self.rank * self.per:(self.rank + 1) * self.per]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class CheckpointError(ValueError):
@@ -287,27 +311,30 @@ def train_loop(
     # start == cfg.steps: stopped after the last checkpoint, before the stage's outputs were written; the loop
     # below runs no step and the result is read back from the logs
 
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.steps * cfg.grad_accum, cfg.seed,
-                               start_batch=start * cfg.grad_accum)
+    sampler: Sampler[list[int]] = StepBatchSampler(len(dataset), cfg.batch_size, cfg.steps * cfg.grad_accum,
+                                                   cfg.seed, start_batch=start * cfg.grad_accum)
+    if distributed.world_size() > 1:
+        sampler = RankSlice(sampler, distributed.rank(), distributed.world_size())
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
-    model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    (out / "loop_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    model, optimizer = accelerator.prepare(module, optimizer)
+    main = accelerator.is_main_process
+    if main:
+        (out / "loop_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     log_path = out / "log.csv"
     history = _read_log(log_path, upto=start) if resume else []
     eval_path = out / "eval.csv"
     eval_history = _read_log(eval_path, upto=start) if resume else []
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None)
+    writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None) if main else None
     crash_at = crash_step(out)
     model.train()
     t0 = time.perf_counter()
     samples = 0
     step = start
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not (progress and main), dynamic_ncols=True)
     micro = 0
     for batch in loader:
+        batch = send_to_device(batch, device)
         seed = step_seed(cfg.seed, step * cfg.grad_accum + micro)
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -326,12 +353,13 @@ def train_loop(
             continue
         micro = 0
         step += 1
+        # (several processes: the losses logged are the main process's share of the global batch)
         row = {"step": step, "lr": scheduler.get_last_lr()[logged_group],
                **{k: float(v.detach()) for k, v in losses.items()},
                "samples_per_s": samples / max(1e-9, time.perf_counter() - t0)}
         history.append(row)
         for k, v in row.items():
-            if k != "step":
+            if k != "step" and writer is not None:
                 writer.add_scalar(f"{desc}/{k}", v, step)
         bar.set_postfix(loss=f"{row['total']:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
@@ -339,20 +367,25 @@ def train_loop(
             figures = run_evaluation(evaluate, accelerator.unwrap_model(model))
             eval_history.append({"step": step, **figures})
             for k, v in figures.items():
-                writer.add_scalar(f"{desc}/val_{k}", v, step)
-            _write_log(eval_path, eval_history)
-            bar.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+                if writer is not None:
+                    writer.add_scalar(f"{desc}/val_{k}", v, step)
+            if main:
+                _write_log(eval_path, eval_history)
+                bar.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _write_log(log_path, history)
-            if accelerator.is_main_process:
+            if main:
+                _write_log(log_path, history)
                 checkpointer.save(accelerator.unwrap_model(model), optimizer, scheduler, step)
+            accelerator.wait_for_everyone()
         if crash_at and step == crash_at:
-            _write_log(log_path, history)
+            if main:
+                _write_log(log_path, history)
             os._exit(17)  # simulated crash (tests only)
     bar.close()
-    writer.close()
     wall = time.perf_counter() - t0
-    _write_log(log_path, history)
+    if writer is not None:
+        writer.close()
+        _write_log(log_path, history)
     result = TrainResult(
         out_dir=out, steps=step, history=history, resumed_from=start, eval_history=eval_history,
         first_losses={k: v for k, v in history[0].items() if k not in ("step",)} if history else {},
@@ -362,7 +395,9 @@ def train_loop(
     summary = {k: v for k, v in asdict(result).items() if k not in ("history", "eval_history", "out_dir")}
     summary["final_eval"] = result.final_eval
     summary["device"] = str(device)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    summary["processes"] = distributed.world_size()
+    if main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return result
 
 

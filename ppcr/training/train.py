@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 from ppcr.model.config import VARIANTS
+from ppcr.recipe.profile import load_profile
+from ppcr.training.ris import train_variant
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,16 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppcr.training.profile import load_profile
-    from ppcr.training.stages import train_variant
-
     if args.variant not in VARIANTS:
         raise SystemExit(f"ppcr train: unknown variant {args.variant!r}; choose one of {sorted(VARIANTS)}")
     overrides = {"data_root": args.data_root}
     profile = load_profile(args.profile, overrides)
     for key, value in (("llava_path", args.llava_path), ("sam_checkpoint", args.sam_checkpoint)):
         if value:
-            profile.model[key] = value
+            profile.model[key] = str(Path(value).resolve())  # (recorded in the checkpoint: absolute, so it
+            # loads from any folder; `ppcr predict/evaluate --llava-path/--sam-checkpoint` where it moved)
     out = Path(args.out or f"runs/{profile.name}")
     ckpt = train_variant(profile, out, args.variant, args.seed, resume=args.resume, progress=not args.no_progress)
     done = json.loads((ckpt.parent / "DONE.json").read_text())

@@ -15,6 +15,7 @@ tower and, with `freeze_vision`, keeps it frozen.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,17 @@ from ppcr.data.synref_language import COLORS, PATTERNS, SHAPES, SIZES
 from ppcr.data.transforms import MIN_COVER, ImagePrep, square_coverage, square_view
 from ppcr.model.config import PPCRConfig
 from ppcr.model.mllm import build_llava
+from ppcr.model.modeling_ppcr import image_prep_for
+from ppcr.model.tokenizer import synref_tokenizer
+from ppcr.recipe.profile import Profile, StageSpec
+from ppcr.training.data import data_root, data_version
 from ppcr.training.diagnostics import batches
+from ppcr.training.loop import TrainResult, train_loop
+from ppcr.training.stage import loop_config, run_cached, save_safetensors
 
 VISION_PRETRAIN_VERSION = 1  # bump when the objective changes, so cached towers are not reused
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"color": COLORS, "shape": SHAPES, "pattern": PATTERNS, "size": SIZES}
-BOX_WEIGHT = 5.0  # the box L1's weight beside the four cross-entropies (BOXW=5 in notes/experiments/localisation)
+BOX_WEIGHT = 5.0  # the box L1 weight beside the four cross-entropies (BOXW=5, notes/experiments/localisation at cad0ccd)
 
 
 def patch_targets(masks: list[np.ndarray], attributes: list[dict[str, Any]], grid: int
@@ -162,3 +169,45 @@ class DenseVisionPretrainer(nn.Module):
 
 __all__ = ["ATTRIBUTE_VALUES", "DenseVisionPretrainer", "PatchTargetsDataset", "VISION_PRETRAIN_VERSION",
            "build_vision_tower", "collate_patch_targets", "patch_targets", "patch_targets_data"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+def vision_stage(profile: Profile) -> StageSpec | None:
+    """The profile's `vision_pretrain` stage (stage 1a), or None when it has none or it has no steps."""
+    spec = profile.stages.get("vision_pretrain")
+    return spec if spec is not None and spec.total_steps(1) > 0 else None
+
+
+def run_vision_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
+    """Stage 1a (cached): the dense-pretrained CLIP tower's safetensors file."""
+    config = profile.model_config("glamm", seed)
+    if profile.data_kind != "synref":
+        raise ValueError(f"profile {profile.name}: vision_pretrain needs SynRef's per-object attributes "
+                         f"(data_kind synref), not {profile.data_kind!r}")
+    fp = profile.fingerprint("vision_pretrain", VISION_PRETRAIN_VERSION, asdict(config.vision),
+                             config.vision_feature_layer, profile.stage("vision_pretrain"), profile.datasets,
+                             profile.data_seed, profile.image_size, data_version(profile), seed)
+
+    def train(stage: Path, weights: Path) -> tuple[TrainResult, dict[str, Any]]:
+        root = data_root(profile, out)
+        torch.manual_seed(seed)
+        module = DenseVisionPretrainer(build_vision_tower(config, synref_tokenizer()), config.vision_feature_layer)
+        prep = image_prep_for(config)
+        grid = config.vision.patch_grid
+        data = patch_targets_data(root, profile.datasets, "train", prep, grid)
+        cfg = loop_config(profile, "vision_pretrain", seed, len(data))
+        evaluate = None
+        if profile.diag_expressions:
+            val = patch_targets_data(root, profile.datasets, "val", prep, grid, profile.diag_expressions)
+            evaluate = lambda m: m.val_metrics(val, profile.eval_batch_size)  # noqa: E731
+        result = train_loop(module, lambda m, b, r: m(b, r), data, collate_patch_targets, cfg, stage,
+                            resume=resume, desc=f"stage 1a dense vision pretraining (seed {seed})",
+                            progress=progress, evaluate=evaluate, eval_every=profile.diag_every)
+        save_safetensors(module.vision_tower, weights)
+        return result, {}
+
+    return run_cached(out, seed, "vision_pretrain", fp, "vision_tower.safetensors", resume, train)
