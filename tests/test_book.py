@@ -286,7 +286,7 @@ def test_book_builds_strictly_at_smoke(smoke_run: Path, tmp_path: Path) -> None:
     assert f".../{smoke_run.name}" in (html / "01_table1_main_results.html").read_text()  # the provenance line
     front = (html / "intro.html").read_text()  # the status block, above the method's description
     assert "This build:" in front and "Not reproduced by this build" in front
-    assert front.index("This build:") < front.index("id=\"the-three-stages\"")
+    assert front.index("This build:") < front.index("id=\"the-three-steps\"")
     study = report.load_study(smoke_run)
     assert study.commit in front and report.study_date(study) in front
     page = (html / "01_table1_main_results.html").read_text()  # launch buttons open the source notebook

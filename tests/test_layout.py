@@ -130,6 +130,8 @@ def test_no_committed_file_names_a_developers_machine():
     found = []
     for rel in files:
         path = REPO / rel
+        if rel == "tests/test_layout.py":  # (its own pattern)
+            continue
         if path.suffix in (".png", ".jpg", ".safetensors", ".pt", ".bin") or not path.is_file():
             continue
         try:
