@@ -98,10 +98,13 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
     results: dict[str, str] = {}
     timings: dict[str, float] = {}
     checkpoints: dict[str, Path] = {}
+    foundation = None  # the DONE.json of the stage 0-1 evaluation (relative to `out`)
     if profile.data_kind == "synref" and profile.diag_expressions:  # stages 0-1 on this run's val splits
         tic = time.perf_counter()
         prepare_data(profile, out, progress)
-        evaluate_foundation(profile, out, seed, base_weights(profile, out, seed, resume, progress))
+        weights = base_weights(profile, out, seed, resume, progress)
+        evaluate_foundation(profile, out, seed, weights)
+        foundation = str((foundation_eval_dir(profile, out, seed, weights) / "DONE.json").relative_to(out))
         timings[f"foundation_eval/seed{seed}"] = time.perf_counter() - tic
     for variant in _evaluated(profile):
         tic = time.perf_counter()
@@ -122,16 +125,7 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
         tic = time.perf_counter()
         probe = str(run_probe(profile, out, seed, checkpoints["ppcr"], progress).relative_to(out))
         timings[f"prompt_probe/seed{seed}"] = time.perf_counter() - tic
-    return {"results": results, "prompt_probe": probe, "foundation_eval": _foundation_eval(profile, out, seed),
-            "timings_s": timings}
-
-
-def _foundation_eval(profile: Profile, out: Path, seed: int) -> str | None:
-    """The DONE.json of the stage 0-1 evaluation this seed's training wrote (relative to `out`), if any."""
-    if profile.data_kind != "synref" or not profile.diag_expressions:
-        return None
-    done = foundation_eval_dir(profile, out, seed, base_weights(profile, out, seed, True, False)) / "DONE.json"
-    return str(done.relative_to(out)) if done.is_file() else None
+    return {"results": results, "prompt_probe": probe, "foundation_eval": foundation, "timings_s": timings}
 
 
 def run_probe(profile: Profile, out: Path, seed: int, checkpoint: Path, progress: bool = True) -> Path:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny REFER dataset in the real on-disk format (pickle refs, COCO instances)."""
+"""Shared fixtures: a tiny REFER dataset in the real on-disk format (pickle refs, COCO instances), and one smoke study
+that the report, book, headline and live-explorer tests read (run once per session)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,22 @@ def tiny_refer(tmp_path: Path) -> TinyRefer:
         mask_pixels={101: 50, 102: 125, 103: 6, 104: 16, 105: 6},
         image_sizes={1: (20, 30), 2: (16, 16), 3: (200, 100)},
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole study at the smoke profile (`python -m ppcr.pipeline study --profile smoke`); tests only read it."""
+    from ppcr.pipeline import run_study  # (imported here: the REFER-only tests need no model code)
+    from ppcr.recipe.profile import load_profile
+
+    out = tmp_path_factory.mktemp("smoke_study")
+    run_study(load_profile("smoke"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def study(smoke_study_run: Path):
+    """The smoke study as `ppcr.report.load_study` reads it."""
+    from ppcr import report
+
+    return report.load_study(smoke_study_run)

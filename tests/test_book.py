@@ -14,23 +14,9 @@ import pytest
 from ppcr import report
 from ppcr.book import broken_internal_links, build, copy_book_sources
 from ppcr.metrics import box_centre_in
-from ppcr.pipeline import run_study
-from ppcr.recipe.profile import load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smoke_study")
-    run_study(load_profile("smoke"), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def study(smoke_run: Path) -> report.Study:
-    return report.load_study(smoke_run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,8 +152,8 @@ def test_box_conditional_gains(study: report.Study) -> None:
             assert r["ci_low"] <= r["ci_high"]
 
 
-def test_prompt_probe_table(smoke_run: Path, study: report.Study) -> None:
-    index = json.loads((smoke_run / "study.json").read_text())
+def test_prompt_probe_table(smoke_study_run: Path, study: report.Study) -> None:
+    index = json.loads((smoke_study_run / "study.json").read_text())
     assert set(index["prompt_probe"]) == {str(s) for s in study.seeds}
     probes = study.prompt_probe()
     table = report.prompt_probe_table(study)
@@ -188,11 +174,11 @@ def test_prompt_probe_table(smoke_run: Path, study: report.Study) -> None:
             assert math.isclose(own["box_iou"].mean, 100 * sum(r["box_iou"] for r in ppcr_rows) / len(ppcr_rows))
 
 
-def test_foundation_llava_answer_is_shown_beside_the_readers(smoke_run: Path, study: report.Study) -> None:
+def test_foundation_llava_answer_is_shown_beside_the_readers(smoke_study_run: Path, study: report.Study) -> None:
     """The run's evaluation of its stage 0-1 weights (study.json `foundation_eval`) holds the LLaVA's decoded
     "where" box on the results files' val expressions; the probe table shows it as a reader and the front page as a
     column. A study without it shows neither."""
-    index = json.loads((smoke_run / "study.json").read_text())
+    index = json.loads((smoke_study_run / "study.json").read_text())
     assert set(index["foundation_eval"]) == {str(s) for s in study.seeds}
     answers = study.foundation_eval()[study.seeds[0]]["where_answer"]
     val_keys = [k for k in study.keys if k.endswith("/val")]
@@ -275,19 +261,19 @@ def test_notebooks_are_thin_parameterised_and_clean() -> None:
                 assert len("".join(c["source"]).splitlines()) <= 12, f"{path.name}: keep the logic in ppcr.report"
 
 
-def test_book_builds_strictly_at_smoke(smoke_run: Path, tmp_path: Path) -> None:
+def test_book_builds_strictly_at_smoke(smoke_study_run: Path, tmp_path: Path) -> None:
     book_dir = copy_book_sources(tmp_path / "book", REPO / "book", REPO / "_config.yml")
-    assert build("smoke", smoke_run, progress=False, book_dir=book_dir, notebooks_dir=REPO / "notebooks",
+    assert build("smoke", smoke_study_run, progress=False, book_dir=book_dir, notebooks_dir=REPO / "notebooks",
                  strict=True, repo_url="https://github.com/example/ppcr", repo_branch="main") == 0
     html = tmp_path / "_build" / "html"
     assert broken_internal_links(html) == []
     for page in html.glob("*.html"):  # the builder's folders do not leak into the published pages
         assert str(REPO) not in page.read_text(), page.name
-    assert f".../{smoke_run.name}" in (html / "01_table1_main_results.html").read_text()  # the provenance line
+    assert f".../{smoke_study_run.name}" in (html / "01_table1_main_results.html").read_text()  # the provenance line
     front = (html / "intro.html").read_text()  # the status block, above the method's description
     assert "This build:" in front and "Not reproduced by this build" in front
     assert front.index("This build:") < front.index("id=\"the-three-steps\"")
-    study = report.load_study(smoke_run)
+    study = report.load_study(smoke_study_run)
     assert study.commit in front and report.study_date(study) in front
     page = (html / "01_table1_main_results.html").read_text()  # launch buttons open the source notebook
     assert "colab.research.google.com/github/example/ppcr/blob/main/notebooks/01_table1_main_results.ipynb" in page
@@ -305,7 +291,7 @@ def test_book_builds_strictly_at_smoke(smoke_run: Path, tmp_path: Path) -> None:
     assert any(o and "image/png" in o[0]["data"] for o in outputs)  # the explorer's rendered view is saved
 
 
-def test_a_failing_notebook_fails_the_build(smoke_run: Path, tmp_path: Path,
+def test_a_failing_notebook_fails_the_build(smoke_study_run: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -314,13 +300,13 @@ def test_a_failing_notebook_fails_the_build(smoke_run: Path, tmp_path: Path,
                         "source": "raise RuntimeError('broken on purpose')"})
     (notebooks / "01_broken.ipynb").write_text(json.dumps(nb))
     book_dir = copy_book_sources(tmp_path / "book", REPO / "book", REPO / "_config.yml")
-    assert build("smoke", smoke_run, progress=False, book_dir=book_dir, notebooks_dir=notebooks) == 1
+    assert build("smoke", smoke_study_run, progress=False, book_dir=book_dir, notebooks_dir=notebooks) == 1
     err = capsys.readouterr().err
     assert "01_broken.ipynb" in err and "broken on purpose" in err
 
 
-def test_status_block_says_what_is_reproduced_and_what_is_not(smoke_run: Path) -> None:
-    study = report.load_study(smoke_run)
+def test_status_block_says_what_is_reproduced_and_what_is_not(smoke_study_run: Path) -> None:
+    study = report.load_study(smoke_study_run)
     table = report.status_table(study)
     assert [r["split"] for r in table.rows] == ["synref/val", "synref+/val", "synrefg/val"]
     row = table.rows[0]

@@ -9,24 +9,10 @@ from pathlib import Path
 import pytest
 
 from ppcr import report
-from ppcr.pipeline import run_study
-from ppcr.recipe.profile import load_profile
 from ppcr.report.headline import END, START, headline_markdown, headline_table, main, replace_block
 from ppcr.report.tables import MeanStd
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smoke_study")
-    run_study(load_profile("smoke"), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def study(smoke_run: Path) -> report.Study:
-    return report.load_study(smoke_run)
 
 
 def test_one_row_per_suite_val_split_with_the_papers_figures(study: report.Study) -> None:
@@ -64,28 +50,28 @@ def test_caption_states_the_scale_and_leaks_no_machine_path(study: report.Study)
     assert "| 81.10 | 80.76 |" in text.splitlines()[2]
 
 
-def test_readme_block_is_replaced_and_the_rest_kept(smoke_run: Path, study: report.Study, tmp_path: Path,
+def test_readme_block_is_replaced_and_the_rest_kept(smoke_study_run: Path, study: report.Study, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     readme = tmp_path / "README.md"
     before, after = "# Title\n\nintro\n\n", "\n\n## Next\n\ntext\n"
     readme.write_text(f"{before}{START}\nstale table\n{END}{after}")
-    assert main([str(smoke_run), "--readme", str(readme)]) == 0
+    assert main([str(smoke_study_run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     block = headline_markdown(study)
     assert text == f"{before}{START}\n{block}\n{END}{after}"
     assert "stale table" not in text
     assert capsys.readouterr().out.strip() == block.strip()
     # idempotent: a second run leaves the file as it is
-    assert main([str(smoke_run), "--readme", str(readme)]) == 0
+    assert main([str(smoke_study_run), "--readme", str(readme)]) == 0
     assert readme.read_text() == text
 
 
 @pytest.mark.parametrize("body", ["no markers at all\n", f"only the start {START}\n", f"{END} before {START}\n"])
-def test_missing_markers_exit_2_with_one_line(smoke_run: Path, tmp_path: Path, body: str,
+def test_missing_markers_exit_2_with_one_line(smoke_study_run: Path, tmp_path: Path, body: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(body)
-    assert main([str(smoke_run), "--readme", str(readme)]) == 2
+    assert main([str(smoke_study_run), "--readme", str(readme)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "headline" in err
     assert readme.read_text() == body  # untouched

@@ -34,16 +34,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory):
-    """A smoke study, the live copy of the explorer notebook next to it, and JupyterLab serving that folder."""
+def lab(tmp_path_factory: pytest.TempPathFactory, smoke_study_run: Path):
+    """The smoke study, the live copy of the explorer notebook in a folder of its own, and JupyterLab serving it."""
     import papermill
 
-    from ppcr.pipeline import run_study
-    from ppcr.recipe.profile import load_profile
-
     root = tmp_path_factory.mktemp("live_explorer")
-    run = root / "run"
-    run_study(load_profile("smoke"), run, progress=False)
+    run = smoke_study_run
     papermill.execute_notebook(str(REPO / "notebooks" / "06_explorer.ipynb"), str(root / "06_explorer_live.ipynb"),
                                prepare_only=True, parameters={"live": True, "profile": "smoke", "run_dir": str(run),
                                                               "output_dir": str(root)})

@@ -142,9 +142,9 @@ def trained_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
-def trainable_state(module: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """CPU copies of the parameters `names` (default: those that require grad now)."""
-    wanted = set(trained_names(module) if names is None else names)
+def trainable_state(module: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """CPU copies of the parameters `names` (a stage's trained set)."""
+    wanted = set(names)
     return {n: p.detach().cpu().contiguous().clone() for n, p in module.named_parameters() if n in wanted}
 
 

@@ -53,12 +53,11 @@ def build_ris_model(profile: Profile, variant: str, seed: int, weights: dict[str
     return PPCRModel.build(config, tokenizer=tokenizer, recipe=profile.training_recipe())
 
 
-def sam_cache_for(model: PPCRModel, out: Path, profile: Profile | None = None) -> SamEmbeddingCache:
+def sam_cache_for(model: PPCRModel, out: Path, profile: Profile) -> SamEmbeddingCache:
     """The run's cache of SAM's image embeddings, keyed by the frozen encoder (settings: the profile's)."""
-    dtype = getattr(torch, profile.sam_cache_dtype) if profile else torch.float32
-    memory = int((profile.sam_cache_memory_gb if profile else 2.0) * 2**30)
     return SamEmbeddingCache(out / "cache" / "sam_embeddings", module_fingerprint(model.segmenter.sam.image_encoder),
-                             max_memory_bytes=memory, dtype=dtype)
+                             max_memory_bytes=int(profile.sam_cache_memory_gb * 2**30),
+                             dtype=getattr(torch, profile.sam_cache_dtype))
 
 
 def describe_sam_cache(cache: SamEmbeddingCache, model: PPCRModel, data: Dataset) -> str:
