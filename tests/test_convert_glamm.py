@@ -20,48 +20,7 @@ from ppcr.model.mllm import build_llava  # noqa: E402
 from ppcr.model.modeling_ppcr import PPCRModel  # noqa: E402
 from ppcr.model.segmentation import build_sam  # noqa: E402
 from ppcr.model.tokenizer import build_word_tokenizer  # noqa: E402
-
-
-def _glamm_release(folder, base_state, rank: int, seed: int, sam_state, tokenizer) -> dict[str, torch.Tensor]:
-    """A GLaMM-layout state dict: the base LLM plus a rank-`rank` delta on q_proj/v_proj, text_hidden_fcs, a SAM
-    under grounding_encoder, embeddings of GLaMM's own vocabulary; written as two .bin shards with the tokenizer."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in base_state.items():
-        if not key.startswith("model.language_model.") and key != "lm_head.weight":
-            continue
-        name = key.replace("model.language_model.", "model.", 1)
-        if key.endswith(("q_proj.weight", "v_proj.weight")):
-            out, inp = value.shape
-            value = value + 0.05 * torch.randn(out, rank, generator=g) @ torch.randn(rank, inp, generator=g)
-        state[name] = value.clone()
-    d = base_state["model.language_model.embed_tokens.weight"].shape[1]
-    state["model.embed_tokens.weight"] = torch.randn(len(tokenizer), d, generator=g)
-    state["lm_head.weight"] = torch.randn(len(tokenizer), d, generator=g)
-    c = tiny_config().sam.prompt_embed_dim
-    state.update({"model.text_hidden_fcs.0.0.weight": torch.randn(d, d, generator=g),
-                  "model.text_hidden_fcs.0.0.bias": torch.randn(d, generator=g),
-                  "model.text_hidden_fcs.0.2.weight": torch.randn(c, d, generator=g),
-                  "model.text_hidden_fcs.0.2.bias": torch.randn(c, generator=g)})
-    state.update({f"model.grounding_encoder.{k}": v for k, v in sam_state.items()})
-    folder.mkdir(parents=True)
-    keys = sorted(state)
-    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
-        torch.save({k: state[k] for k in part}, folder / f"pytorch_model-0000{i}-of-00002.bin")
-    tokenizer.save_pretrained(folder)
-    return state
-
-
-def _glamm_tokenizer():
-    """A tokenizer with GLaMM's own ids: its vocabulary first, the added tokens ([SEG] among them) after it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "the", "dog", "cat", "zebra", "car", "tree", "<image>", "<im_start>", "<im_end>",
-             "<bbox>", "<p>", "</p>", prompts.SEG_TOKEN]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+from stand_ins import glamm_release, glamm_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +34,11 @@ def release(tmp_path_factory):
     sam = root / "sam_vit_h_4b8939.pth"
     torch.save(build_sam(tiny_config().sam).state_dict(), sam)
     base = {k: v for k, v in build_llava(tiny_config(llava_path=str(llava)), ours).state_dict().items()}
-    glamm_tok = _glamm_tokenizer()
+    glamm_tok = glamm_tokenizer()
     torch.manual_seed(1)
     glamm_sam = build_sam(tiny_config().sam).state_dict()
-    refseg = _glamm_release(root / "GLaMM-RefSeg", base, 8, 2, glamm_sam, glamm_tok)
-    grand = _glamm_release(root / "GLaMM-GranD-Pretrained", base, 12, 3, glamm_sam, glamm_tok)  # rank 12 > r
+    refseg = glamm_release(root / "GLaMM-RefSeg", base, 8, 2, glamm_sam, glamm_tok)
+    grand = glamm_release(root / "GLaMM-GranD-Pretrained", base, 12, 3, glamm_sam, glamm_tok)  # rank 12 > r
     return root, llava, sam, refseg, grand, glamm_tok
 
 

@@ -4,10 +4,7 @@ global batch between the processes (one process with that batch is the reference
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,39 +12,18 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from stand_ins import REPO, run_in_repo, torchrun
 
 from ppcr.training.loop import CRASH_ENV
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port())]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", CRASH_ENV)}
-    return {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
-
-
-def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), cwd=REPO, timeout=900)
 
 
 @pytest.mark.slow
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     worker = str(REPO / "tests" / "ddp_loop_worker.py")
-    single = _run([sys.executable, worker, str(one)])
+    single = run_in_repo([sys.executable, worker, str(one)])
     assert single.returncode == 0, single.stderr[-2000:]
-    double = _run(_torchrun() + [worker, str(two)])
+    double = run_in_repo(torchrun() + [worker, str(two)])
     assert double.returncode == 0, double.stderr[-3000:]
     ref = load_file(str(one / "weights_rank0.safetensors"))
     ranks = [load_file(str(two / f"weights_rank{r}.safetensors")) for r in (0, 1)]
@@ -73,13 +49,13 @@ def test_ppcr_trains_in_two_processes_and_resumes_after_a_kill(tmp_path):
     profile = _smoke_profile(tmp_path)
     train = ["-m", "ppcr.cli", "train", "--profile", str(profile), "--variant", "ppcr", "--no-progress", "--resume",
              "--out"]
-    full = _run(_torchrun() + train + [str(tmp_path / "full")])
+    full = run_in_repo(torchrun() + train + [str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-3000:]
     stopped = tmp_path / "stopped"
     shutil.copytree(tmp_path / "full", stopped, ignore=shutil.ignore_patterns("ppcr-*"))  # stages 0-2 done
-    killed = _run(_torchrun() + train + [str(stopped)], **{CRASH_ENV: "ppcr:4"})
+    killed = run_in_repo(torchrun() + train + [str(stopped)], **{CRASH_ENV: "ppcr:4"})
     assert killed.returncode != 0
-    resumed = _run(_torchrun() + train + [str(stopped)])
+    resumed = run_in_repo(torchrun() + train + [str(stopped)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (a,), (b,) = (list(root.glob("stages/seed0/ppcr-*/model")) for root in (tmp_path / "full", stopped))
     for name in ("trainable.safetensors", "adapters/semantic/adapter_model.safetensors",
