@@ -51,7 +51,7 @@ from ppcr.data.synref_scene import SceneObjectSpec, encode_jpeg, place_objects, 
 
 __all__ = ["generate_suite", "resolve", "vocabulary", "add_arguments", "run", "SUITES", "GENERATOR_VERSION"]
 
-GENERATOR_VERSION = "synref-1.1"
+GENERATOR_VERSION = "synref-2.0"  # 2.0: objects twice the size (synref_scene.RADIUS)
 SUITES: tuple[str, ...] = ("synref", "synref+", "synrefg")
 SUITE_NUMBER: dict[str, int] = {s: i + 1 for i, s in enumerate(SUITES)}
 IMAGE_ID_STRIDE = 10_000_000  # image_id = suite number * stride + image index

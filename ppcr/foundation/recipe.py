@@ -128,6 +128,14 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     return manifest
 
 
+def train_stage(out: Path, stage: str, profile_name: str = FOUNDATION_PROFILE, progress: bool = True) -> Path:
+    """One of the foundation's stages alone (cached and resumable under `out`): its weights' path."""
+    profile = load_profile(profile_name)
+    prepare_data(profile, out, progress)
+    run = run_sam_pretrain if stage == "sam_pretrain" else run_mllm_pretrain
+    return run(profile, out, 0, resume=True, progress=progress)
+
+
 def _own_vision_wall(stage: dict[str, Any]) -> float:
     """Stage 1a's seconds when this segment ran it (not when its record was carried from an earlier segment)."""
     vision = stage.get("vision_pretrain") or {}
@@ -141,9 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/foundation", help="where stages 0-1 train (cached, resumable)")
     parser.add_argument("--dest", help="where the weights go (default: the package's resources/foundation)")
     parser.add_argument("--profile", default=FOUNDATION_PROFILE)
+    parser.add_argument("--stage", choices=STAGES,
+                        help="train only this stage (cached in --out; a later `train` without --stage finds it): "
+                             "stages 0 and 1 are independent, so on a CPU they can run at once, a thread each")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     dest = Path(args.dest) if args.dest else None
+    if args.what == "train" and args.stage:
+        print(train_stage(Path(args.out), args.stage, args.profile, progress=not args.no_progress))
+        return 0
     if args.what == "train":
         manifest = train_foundation(Path(args.out), dest, args.profile, progress=not args.no_progress)
         print(json.dumps({k: manifest[k] for k in ("wall_s", "files")}, indent=2))

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ppcr.data.synref import GENERATOR_VERSION
 from ppcr.model.config import PPCRConfig
 from ppcr.model.tokenizer import synref_tokenizer
 
@@ -101,6 +102,10 @@ def verify_foundation(config: PPCRConfig, directory: Path | None = None,
         if sha256(path) != digest:
             raise FoundationMismatch(f"shipped foundation file {path} does not match its sha256 in the manifest; "
                                      f"regenerate with: {hint}")
+    if manifest.get("synref_generator_version") != GENERATOR_VERSION:
+        raise FoundationMismatch(
+            f"the shipped foundation was trained on SynRef {manifest.get('synref_generator_version')}, this code "
+            f"generates {GENERATOR_VERSION}; regenerate the weights with: {REGENERATE}")
     want, have = _normalise(manifest["config_signature"]), _normalise(config_signature(config))
     if "mllm_pretrain" not in stages:
         want, have = ({k: d.get(k) for k in SAM_SIGNATURE_KEYS} for d in (want, have))
