@@ -214,3 +214,15 @@ def test_cli_synth(tmp_path: Path) -> None:
     assert main(["synth", "--suite", "synref", "--out", str(tmp_path), "--refs", "50", "--seed", "1"]) == 0
     stats = _load(tmp_path / "synref" / "stats.json")
     assert stats["refs"] == 50 and (tmp_path / "synref" / "refs(unc).json").exists()
+
+
+def test_data_of_another_generator_version_is_refused(tmp_path: Path) -> None:
+    from ppcr.data.synref import GENERATOR_VERSION, OldSynRefError
+
+    generate_suite("synref", tmp_path, 20, seed=1, workers=1, progress=False)
+    cfg = tmp_path / "synref" / "generator_config.json"
+    old = {**_load(cfg), "generator_version": "synref-1.1"}
+    cfg.write_text(json.dumps(old))
+    with pytest.raises(OldSynRefError, match=f"holds SynRef synref-1.1.*generates {GENERATOR_VERSION}"):
+        generate_suite("synref", tmp_path, 20, seed=1, workers=1, progress=False)
+    assert _load(cfg) == old  # nothing overwritten

@@ -270,6 +270,22 @@ def _is_cached(suite_dir: Path, image_dir: Path, config: dict[str, Any]) -> bool
     return all((image_dir / im["file_name"]).exists() for im in images)
 
 
+class OldSynRefError(ValueError):
+    """A folder holds SynRef made by another generator version: never overwritten or mixed with new data."""
+
+
+def _refuse_other_version(suite_dir: Path) -> None:
+    cfg = suite_dir / "generator_config.json"
+    if not cfg.exists():
+        return
+    version = json.loads(cfg.read_text(encoding="utf-8")).get("generator_version")
+    if version != GENERATOR_VERSION:
+        raise OldSynRefError(
+            f"{suite_dir} holds SynRef {version}, made by older code (this code generates {GENERATOR_VERSION}); its "
+            f"runs and results cannot be mixed with new ones: delete {suite_dir.parent} (the run folder's data, with "
+            "the run's stages and results) or give another output folder, and run the same command again")
+
+
 def generate_suite(suite: str, out: str | Path, n_refs: int, seed: int = 0, image_size: int = 256,
                    blur_fraction: float = 0.1, low_contrast_fraction: float = 0.1, workers: int = 2,
                    progress: bool = True) -> dict[str, Any]:
@@ -290,6 +306,7 @@ def generate_suite(suite: str, out: str | Path, n_refs: int, seed: int = 0, imag
               "generator_version": GENERATOR_VERSION}
     if _is_cached(suite_dir, image_dir, config):
         return json.loads((suite_dir / "stats.json").read_text(encoding="utf-8"))
+    _refuse_other_version(suite_dir)
     suite_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
     (suite_dir / "generator_config.json").unlink(missing_ok=True)

@@ -23,20 +23,8 @@ FOUNDATION_PROFILE = "foundation"
 REGENERATE = "python -m ppcr.foundation train"
 
 
-def regenerate_hint(manifest: dict[str, Any] | None) -> str:
-    """The command(s) that regenerate the shipped files this manifest describes: a foundation continued from an
-    earlier one (`continued_from`, e.g. by `foundation_continue`) is its segments' commands, oldest first. A segment
-    trained from a temporary copy of its profile (the GPU call of notes/gpu) names the repository's copy in its
-    `regenerate` field, which wins over the `command` that ran."""
-    commands: list[str] = []
-    segment = manifest
-    while segment:
-        commands.insert(0, segment.get("regenerate") or segment.get("command") or REGENERATE)
-        segment = segment.get("continued_from")
-    return " && ".join(commands) if commands else REGENERATE
-
-
 MANIFEST = "manifest.json"
+CURVES = "curves.json"  # the held-out curves of each stage, beside the manifest
 STAGES = ("sam_pretrain", "mllm_pretrain")
 
 
@@ -94,7 +82,7 @@ def verify_foundation(config: PPCRConfig, directory: Path | None = None,
     stage 1 may change the LLaVA's settings while it keeps the shipped SAM)."""
     directory = directory or foundation_dir()
     manifest = load_manifest(directory)
-    hint = regenerate_hint(manifest)
+    hint = REGENERATE
     for rel, digest in manifest["files"].items():
         path = directory / rel
         if not path.is_file():

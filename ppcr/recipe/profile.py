@@ -58,8 +58,6 @@ class StageSpec:
     # stage 0: train only SAM's prompt encoder and mask decoder, the image encoder frozen (its embeddings computed
     # without gradient): a cheaper continuation of a trained SAM, as the later stages train SAM
     freeze_sam_encoder: bool = False
-    # stages 0-1: start from random weights ("scratch") or from the shipped foundation's ("shipped"; no steps: keep it)
-    init: str = "scratch"
     # stage 1: keep the CLIP tower frozen (as LLaVA's own stage 1 does), e.g. after the `vision_pretrain` stage
     freeze_vision: bool = False
     # stage 1: add "where"/"describe" questions about every object whose colour and shape are unique on its image
@@ -187,8 +185,6 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
     for stage_name, spec in profile.stages.items():
         if spec.probe_positions not in ("first", "all"):
             raise ValueError(f"profile {profile.name}: stage {stage_name} probe_positions must be 'first' or 'all'")
-        if spec.init not in ("scratch", "shipped"):
-            raise ValueError(f"profile {profile.name}: stage {stage_name} init must be 'scratch' or 'shipped'")
     if profile.sam_cache_dtype not in ("float32", "float16"):
         raise ValueError(f"profile {profile.name}: sam_cache_dtype must be float32 or float16")
     if profile.seed_workers < 1:

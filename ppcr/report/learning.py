@@ -32,6 +32,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ppcr.model.shipped import CURVES
 from ppcr.report.tables import Column, Table
 from ppcr.training.stage import EVALUATION_STAGES, StageDir, stage_dirs, stage_kind
 from ppcr.viz import blank_panel, new_figure
@@ -243,25 +244,23 @@ def default_manifest() -> Path:
 
 
 def shipped_records(manifest: str | Path | None = None) -> tuple[list[Record], list[str]]:
-    """Stage 0-1 held-out curves of the shipped foundation (its manifest's `stages.<name>.eval_history`), and
-    notes; nothing when there is no manifest."""
+    """Stage 0, 1a and 1 held-out curves of the shipped foundation (`curves.json` beside its manifest), and notes;
+    nothing when there is no manifest."""
     path = Path(manifest) if manifest is not None else default_manifest()
     if not path.is_file():
         return [], []
+    curves_path = path.with_name(CURVES)
     try:
-        stages = json.loads(path.read_text()).get("stages", {})
+        curves = json.loads(curves_path.read_text())
     except (OSError, ValueError) as err:
-        return [], [f"the shipped foundation's manifest {path} is unreadable ({err}): its curves are not shown"]
+        return [], [f"the shipped foundation's curves {curves_path} are unreadable ({err}): they are not shown"]
     records, notes = [], []
-    for name in FOUNDATION_STAGES:
-        stage = stages.get(name) or {}
-        history = stage.get("eval_history_all") or stage.get("eval_history") or []  # all segments of a continued one
+    for name in (*FOUNDATION_STAGES, "vision_pretrain"):
+        history = curves.get(name) or []
         if history:
             records += history_records(name, None, 0, history, origin=SHIPPED)
-        else:
-            notes.append(f"{name}: the shipped foundation's manifest has no evaluation history")
-        vision = (stage.get("vision_pretrain") or {}).get("eval_history") or []  # stage 1a, recorded by stage 1
-        records += history_records("vision_pretrain", None, 0, vision, origin=SHIPPED)
+        elif name in FOUNDATION_STAGES:
+            notes.append(f"{name}: the shipped foundation has no evaluation history")
     return records, notes
 
 

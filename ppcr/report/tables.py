@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
-from ppcr.model.shipped import REGENERATE, FoundationMismatch, load_manifest, regenerate_hint
+from ppcr.model.shipped import REGENERATE
 from ppcr.report.study import Study
 
 
@@ -296,14 +296,9 @@ def foundation_text(study: Study) -> str:
     if not study.is_synthetic:
         return "Starting weights: the profile's local LLaVA and SAM paths. "
     if cfg.get("foundation") == "shipped":
-
-        try:
-            hint = regenerate_hint(load_manifest())
-        except FoundationMismatch:  # no manifest: the caption still reads; `verify` names the problem
-            hint = REGENERATE
         return ("Starting weights (stand-ins for pretrained SAM and LLaVA): the shipped foundation, stages 0-1 of the "
-                "small preset trained on separate SynRef scenes (ppcr/resources/foundation/manifest.json; "
-                f"regenerate: {hint}). ")
+                "small preset trained from scratch on separate SynRef scenes (ppcr/resources/foundation/manifest.json; "
+                f"regenerate: `{REGENERATE}`). ")
     return "Starting weights: stages 0-1 trained inside this run (its own SynRef training split). "
 
 

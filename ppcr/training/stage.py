@@ -95,13 +95,6 @@ def loop_config(profile: Profile, stage_name: str, seed: int, n_samples: int) ->
     )
 
 
-def shipped_stamp(profile: Profile, stage_name: str) -> str | None:
-    """The sha256 of the shipped weights a stage continues (`init: shipped`; part of its fingerprint), else None."""
-    if profile.stage(stage_name).init != "shipped":
-        return None
-    return load_manifest()["files"]["sam.safetensors" if stage_name == "sam_pretrain" else "llava/model.safetensors"]
-
-
 def save_safetensors(module: nn.Module, path: Path) -> None:
     """A module's whole state dict (CPU, contiguous) as one safetensors file: no pickle to load it back (written by
     the main process)."""
