@@ -242,7 +242,7 @@ def test_provenance(study: report.Study) -> None:
 
 
 def test_notebooks_are_thin_parameterised_and_clean() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_table1_main_results.ipynb", "02_table2_reasoning_ablation.ipynb",
+    assert [p.name for p in NOTEBOOKS] == ["00_benchmark.ipynb", "01_table1_main_results.ipynb", "02_table2_reasoning_ablation.ipynb",
                                            "03_table3_spatial_ablation.ipynb", "04_figures.ipynb",
                                            "05_beyond_the_paper.ipynb", "06_explorer.ipynb",
                                            "07_learning_curves.ipynb"]

@@ -72,6 +72,8 @@ def evaluate_split(model: PPCRModel, dataset: ReferSegDataset, batch_size: int, 
                 "box_iou": None if pred_box is None else float(box_iou(pred_box, gt_box)),
                 "pred_box": None if pred_box is None else [round(float(v), 2) for v in pred_box],
                 "gt_box": [round(float(v), 2) for v in gt_box],
+                # the target's pixels and the image's size: its size in vision tokens, the mask's completeness
+                "target_area": int(gt.sum()), "image_size": [int(h), int(w)],
                 "score": float(st.iou_pred[j, 0]),
                 # sanity baselines: the IoU of simply filling the ground-truth / the predicted box
                 "gt_box_fill_iou": float(mask_iou(box_fill_mask(gt_box, (h, w)), gt)),
