@@ -84,8 +84,10 @@ def run_study(profile: Profile, out: str | Path, resume: bool = True, progress: 
 
 
 def _evaluated(profile: Profile) -> list[str]:
-    """The variants a study evaluates: the profile's, and the GT-box oracle (ppcr's checkpoint) with ppcr."""
-    return list(profile.variants) + (["gt_box_oracle"] if "ppcr" in profile.variants else [])
+    """The variants a study evaluates: the profile's, the GT-box oracle (ppcr's checkpoint) with ppcr, and the
+    variants of the profile's other recipes (`<variant>@<recipe>`)."""
+    return (list(profile.variants) + (["gt_box_oracle"] if "ppcr" in profile.variants else [])
+            + profile.recipe_variants())
 
 
 def _set_threads(threads: int) -> None:
@@ -113,7 +115,7 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
         target = results_path(out, variant, seed)
         tic = time.perf_counter()
         if not _is_current(target, ckpt):
-            model = load_for_evaluation(ckpt, variant, profile.device)
+            model = load_for_evaluation(ckpt, profile.for_variant(variant)[1], profile.device)
             evaluate_model(model, data_root(profile, out), profile.datasets, target,
                            batch_size=profile.eval_batch_size, max_expressions=profile.eval_max_expressions,
                            sam_cache=sam_cache_for(model, out, profile), progress=progress,

@@ -279,6 +279,28 @@ def breakdown_plot(rows: Iterable[Mapping[str, Any]] | Any, value: str = "mIoU",
     return fig
 
 
+def distribution_plot(values: Mapping[str, Sequence[float]], xlabel: str, title: str | None = None,
+                      mark: float | None = None, mark_label: str | None = None, bins: int = 30) -> Figure:
+    """Overlaid step histograms, one per group (e.g. each dataset's target sizes), as shares of the group; `mark`
+    draws a vertical reference line (e.g. one vision token)."""
+    fig = Figure(figsize=(6.0, 3.2), layout="constrained")
+    ax = fig.subplots()
+    every = [v for group in values.values() for v in group]
+    edges = np.linspace(0.0, max(every, default=1.0) * 1.02, bins + 1)
+    for j, (name, group) in enumerate(values.items()):
+        weights = np.full(len(group), 100.0 / max(len(group), 1))
+        ax.hist(group, bins=edges, weights=weights, histtype="step", linewidth=1.6, label=f"{name} (n={len(group)})",
+                color=ENTITY_COLORS[j % len(ENTITY_COLORS)])
+    if mark is not None:
+        ax.axvline(mark, color="0.3", linestyle="--", linewidth=1.0, label=mark_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("share of the refs (%)")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the intermediate outputs of one expression
 # ---------------------------------------------------------------------------------------------------------------

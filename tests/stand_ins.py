@@ -85,7 +85,8 @@ def run_in_repo(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
 
 # transformers 5's in-memory LLaVA names -> the llava-hf checkpoints' names (written by transformers 4.x)
 _TRANSFORMERS4_NAMES = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
-                        ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head."))
+                        ("model.multi_modal_projector.", "multi_modal_projector."),
+                        ("lm_head.", "language_model.lm_head."))
 
 
 def as_transformers4_folder(folder: Path, shards: int = 2) -> None:

@@ -47,7 +47,8 @@ def test_table1_has_paper_and_reproduced_rows(study: report.Study) -> None:
     assert len(paper) == 13 + 1  # 13 methods + the "Absolute" row
     assert any(r["method"] == "CRIS\u2020" for r in paper)  # excerpted rows marked
     repro = [r for r in t.rows if r["source"].startswith("reproduced")]
-    assert [r["method"] for r in repro][:2] == ["GLaMM-style", "PPCR"]
+    # the profile's own recipe, labelled as such because the smoke profile has another one (`recipes: demo`)
+    assert [r["method"] for r in repro][:2] == ["GLaMM-style, smoke's recipe", "PPCR, smoke's recipe"]
     assert sources.index(repro[0]["source"]) > sources.index("paper")
     key = report.column_key("refcocog", "mIoU", "test(U)")
     assert isinstance(repro[1][key], report.MeanStd)
@@ -108,7 +109,7 @@ def test_seed_summary_and_bootstrap(study: report.Study) -> None:
     gains = report.bootstrap_gains(study, n_boot=200)
     comparisons = {r["comparison"] for r in gains.rows}
     assert comparisons == {"ppcr \u2212 glamm", "ppcr \u2212 spatial_re", "spatial_re_seg \u2212 spatial_re",
-                           "attn_box \u2212 ppcr", "gt_box_oracle \u2212 ppcr"}
+                           "attn_box \u2212 ppcr", "gt_box_oracle \u2212 ppcr", "ppcr@demo \u2212 glamm@demo"}
     for r in gains.rows:
         assert r["ci_low"] <= r["delta"] + 1e-9 or math.isclose(r["ci_low"], r["delta"])
         assert r["ci_low"] <= r["ci_high"] and r["n"] > 0
@@ -242,7 +243,7 @@ def test_provenance(study: report.Study) -> None:
 
 
 def test_notebooks_are_thin_parameterised_and_clean() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_table1_main_results.ipynb", "02_table2_reasoning_ablation.ipynb",
+    assert [p.name for p in NOTEBOOKS] == ["00_benchmark.ipynb", "01_table1_main_results.ipynb", "02_table2_reasoning_ablation.ipynb",
                                            "03_table3_spatial_ablation.ipynb", "04_figures.ipynb",
                                            "05_beyond_the_paper.ipynb", "06_explorer.ipynb",
                                            "07_learning_curves.ipynb"]

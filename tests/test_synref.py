@@ -226,3 +226,44 @@ def test_data_of_another_generator_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OldSynRefError, match=f"holds SynRef synref-1.1.*generates {GENERATOR_VERSION}"):
         generate_suite("synref", tmp_path, 20, seed=1, workers=1, progress=False)
     assert _load(cfg) == old  # nothing overwritten
+
+
+def test_a_suite_reads_as_refcoco_through_refers_own_files(out_dir: Path, tmp_path: Path) -> None:
+    """REFER's refer.py (the copy LISA and GLaMM ship) knows only the folder names refcoco / refcoco+ / refcocog, reads
+    `refs(<splitBy>).p` with `pickle.load` and `instances.json`, and indexes them as below; a SynRef suite placed
+    under such a name reads that way, with the images under images/mscoco/images/train2014."""
+    import pickle
+
+    from ppcr.data.refer import Refer
+
+    root = tmp_path / "refer"
+    root.mkdir()
+    (root / "refcocog").symlink_to(out_dir / "synrefg", target_is_directory=True)
+    (root / "images").symlink_to(out_dir / "images", target_is_directory=True)
+    for split_by in ("umd", "google"):
+        with open(root / "refcocog" / f"refs({split_by}).p", "rb") as f:
+            refs = pickle.load(f)  # the plain unpickler REFER uses: nothing but built-in types inside
+        assert refs == _load(out_dir / "synrefg" / f"refs({split_by}).json")
+        instances = _load(root / "refcocog" / "instances.json")
+        anns = {a["id"]: a for a in instances["annotations"]}
+        images = {im["id"]: im for im in instances["images"]}
+        cats = {c["id"]: c["name"] for c in instances["categories"]}
+        sents = {}
+        for ref in refs:  # the fields refer.py's createIndex and getters read
+            ann = anns[ref["ann_id"]]
+            assert ann["image_id"] == ref["image_id"] and ref["category_id"] in cats
+            assert len(ann["bbox"]) == 4 and ann["segmentation"]
+            assert (root / "images/mscoco/images/train2014" / images[ref["image_id"]]["file_name"]).is_file()
+            assert ref["split"] in {name for name, _ in SPLITS[split_by]}
+            for sent in ref["sentences"]:
+                assert {"sent_id", "tokens", "raw", "sent"} <= set(sent)
+                sents[sent["sent_id"]] = sent
+            assert ref["sent_ids"] == [s["sent_id"] for s in ref["sentences"]]
+        assert len(sents) == sum(len(r["sentences"]) for r in refs)
+    # the project's own reader on the pickle alone (no JSON beside it)
+    alone = tmp_path / "alone" / "refcoco"
+    alone.mkdir(parents=True)
+    for name in ("instances.json", "refs(unc).p"):
+        (alone / name).write_bytes((out_dir / "synref" / name).read_bytes())
+    refer = Refer(alone.parent, "refcoco", "unc")
+    assert refer.refs_file.suffix == ".p" and refer.refs == _refs(out_dir, "synref")

@@ -71,12 +71,18 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     return {"p10": float(q[0]), "median": float(q[1]), "p90": float(q[2])}
 
 
+def ref_geometries(root: str | Path, dataset: str, split_by: str, split: str | None = None,
+                   grid: int = 8) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(refs, their `ref_geometry`) of one dataset (one split, or all refs)."""
+    refer = Refer(root, dataset, split_by)
+    refs = [refer.ref(i) for i in refer.ref_ids(split)]
+    return refs, [ref_geometry(refer, r, grid) for r in refs]
+
+
 def dataset_stats(root: str | Path, dataset: str, split_by: str, split: str | None = None,
                   grid: int = 8) -> dict[str, Any]:
     """The figures of one dataset (one split, or all refs) against a `grid` x `grid` vision-token grid."""
-    refer = Refer(root, dataset, split_by)
-    refs = [refer.ref(i) for i in refer.ref_ids(split)]
-    geo = [ref_geometry(refer, r, grid) for r in refs]
+    refs, geo = ref_geometries(root, dataset, split_by, split, grid)
     sentences = [s for r in refs for s in r["sentences"]]
     types: dict[str, int] = {}
     for r in refs:

@@ -9,6 +9,8 @@ RefCOCO+ (``synref+``: attributes only, many same-shape distractors) and RefCOCO
     <out>/<suite>/refs(unc).json        synref, synref+: train / val / testA / testB
     <out>/<suite>/refs(umd).json        synrefg: train / val / test
     <out>/<suite>/refs(google).json     synrefg: the same refs, train / val
+    <out>/<suite>/refs(<splitBy>).p     the same refs as a pickle (protocol 2), the file REFER's own refer.py (as
+                                        LISA and GLaMM ship it) reads, e.g. with the suite's folder named refcoco
     <out>/<suite>/stats.json            counts and mean sentence length per split
     <out>/<suite>/generator_config.json parameters + generator version (the cache key)
 
@@ -23,6 +25,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -258,12 +261,21 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _write_pickle(path: Path, obj: Any) -> None:
+    """As REFER's files are written: protocol 2, plain lists, dicts, strings and numbers only."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+    tmp.replace(path)
+
+
 def _is_cached(suite_dir: Path, image_dir: Path, config: dict[str, Any]) -> bool:
     """True when the suite was generated with ``config`` and all its files are present."""
     cfg = suite_dir / "generator_config.json"
     if not cfg.exists() or json.loads(cfg.read_text(encoding="utf-8")) != config:
         return False
-    needed = ["instances.json", "stats.json"] + [f"refs({sb}).json" for sb in SPLIT_BYS[config["suite"]]]
+    needed = ["instances.json", "stats.json"] + [f"refs({sb}).{ext}" for sb in SPLIT_BYS[config["suite"]]
+                                                 for ext in ("json", "p")]
     if not all((suite_dir / name).exists() for name in needed):
         return False
     images = json.loads((suite_dir / "instances.json").read_text(encoding="utf-8"))["images"]
@@ -324,6 +336,7 @@ def generate_suite(suite: str, out: str | Path, n_refs: int, seed: int = 0, imag
     refs_by = {sb: _build_refs(results, sb) for sb in SPLIT_BYS[suite]}
     for sb, refs in refs_by.items():
         _write_json(suite_dir / f"refs({sb}).json", refs)
+        _write_pickle(suite_dir / f"refs({sb}).p", refs)
     stats = compute_stats(suite, refs_by)
     _write_json(suite_dir / "stats.json", stats)
     _write_json(suite_dir / "generator_config.json", config)

@@ -72,6 +72,8 @@ def evaluate_split(model: PPCRModel, dataset: ReferSegDataset, batch_size: int, 
                 "box_iou": None if pred_box is None else float(box_iou(pred_box, gt_box)),
                 "pred_box": None if pred_box is None else [round(float(v), 2) for v in pred_box],
                 "gt_box": [round(float(v), 2) for v in gt_box],
+                # the target's pixels and the image's size: its size in vision tokens, the mask's completeness
+                "target_area": int(gt.sum()), "image_size": [int(h), int(w)],
                 "score": float(st.iou_pred[j, 0]),
                 # sanity baselines: the IoU of simply filling the ground-truth / the predicted box
                 "gt_box_fill_iou": float(mask_iou(box_fill_mask(gt_box, (h, w)), gt)),
@@ -161,9 +163,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.variant not in VARIANTS:
-        raise SystemExit(f"ppcr evaluate: unknown variant {args.variant!r}; choose one of {sorted(VARIANTS)}")
     profile = load_profile(args.profile, {"data_root": args.data_root})
+    if args.variant not in VARIANTS and args.variant not in profile.recipe_variants():
+        raise SystemExit(f"ppcr evaluate: unknown variant {args.variant!r}; choose one of {sorted(VARIANTS)} "
+                         f"or {profile.recipe_variants()}")
     run_dir = Path(args.run_dir or f"runs/{profile.name}")
     datasets = [d for d in profile.datasets if args.dataset in (None, d.name)]
     if not datasets:
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not (checkpoint / "config.json").is_file():
         raise SystemExit(f"ppcr evaluate: not a PPCR checkpoint: {checkpoint}")
     prepare_data(profile, run_dir, progress=not args.no_progress)
-    model = load_for_evaluation(checkpoint, args.variant, args.device or profile.device,
+    model = load_for_evaluation(checkpoint, profile.for_variant(args.variant)[1], args.device or profile.device,
                                 {"llava_path": args.llava_path, "sam_checkpoint": args.sam_checkpoint})
     model.prefix_cache = not args.no_prefix_cache
     evaluate_model(

@@ -73,6 +73,26 @@ class StageSpec:
 
 
 @dataclass
+class RecipeSpec:
+    """Another recipe for stages 2-3 in the same study (a profile's `recipes:` entry): its `variants` are trained
+    from the same foundation and data with these `model` and `training` blocks in place of the profile's, and are
+    named `<variant>@<recipe>` (e.g. `ppcr@paper`: the paper's recipe beside the profile's own)."""
+
+    variants: list[str]
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    label: str = ""  # how the book names the recipe's rows
+
+
+RECIPE_MARK = "@"
+
+
+def model_variant(name: str) -> str:
+    """The model variant of a study's variant name: `ppcr@paper` -> `ppcr` (the recipe changes training only)."""
+    return name.partition(RECIPE_MARK)[0]
+
+
+@dataclass
 class Profile:
     name: str
     preset: str
@@ -112,6 +132,8 @@ class Profile:
     # cpu_count // seed_workers threads (two 1-thread processes ran 1.2-1.5 times the stage-3 steps per second of one
     # 2-thread process: its steps are many small ops; notes/learning.md)
     seed_workers: int = 1
+    # other recipes for stages 2-3, trained and evaluated beside the profile's own (`RecipeSpec`)
+    recipes: dict[str, RecipeSpec] = field(default_factory=dict)
     source: str = ""  # where the profile was read from
 
     # ------------------------------------------------------------------------------------------------------
@@ -134,6 +156,22 @@ class Profile:
         check_llava_path(llava)
         if not Path(sam).is_file():
             raise FileNotFoundError(f"SAM checkpoint not found: {sam}")
+
+    def recipe_variants(self) -> list[str]:
+        """The `<variant>@<recipe>` names of the other recipes' variants, in the profile's order."""
+        return [f"{v}{RECIPE_MARK}{name}" for name, spec in self.recipes.items() for v in spec.variants]
+
+    def for_variant(self, name: str) -> tuple["Profile", str, str]:
+        """(the profile a variant trains with, the model variant, the stage-folder suffix): for `<variant>@<recipe>`
+        the profile with that recipe's model and training blocks and the suffix `@<recipe>`; else this profile."""
+        variant, mark, recipe = name.partition(RECIPE_MARK)
+        if not mark:
+            return self, variant, ""
+        if recipe not in self.recipes or variant not in self.recipes[recipe].variants:
+            raise ValueError(f"profile {self.name!r} has no recipe variant {name!r} (it has {self.recipe_variants()})")
+        spec = self.recipes[recipe]
+        return dataclasses.replace(self, model=dict(spec.model), training=dict(spec.training), recipes={},
+                                   variants=list(spec.variants)), variant, f"{RECIPE_MARK}{recipe}"
 
     def stage(self, name: str) -> StageSpec:
         if name not in self.stages:
@@ -174,6 +212,7 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
     raw = copy.deepcopy(raw)
     raw["datasets"] = [DataSpec(**d) for d in raw.get("datasets", [])]
     raw["stages"] = {k: StageSpec(**v) for k, v in raw.get("stages", {}).items()}
+    raw["recipes"] = {k: RecipeSpec(**v) for k, v in raw.get("recipes", {}).items()}
     if "betas" in raw:
         raw["betas"] = tuple(raw["betas"])
     profile = Profile(**raw, source=source)
@@ -182,6 +221,13 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
         raise ValueError(f"profile {profile.name}: unknown variants {unknown}")
     preset_config(profile.preset, **profile.model)  # validates the overrides early
     profile.training_recipe()
+    for name, spec in profile.recipes.items():
+        if RECIPE_MARK in name or not name:
+            raise ValueError(f"profile {profile.name}: recipe name {name!r} must be a word without {RECIPE_MARK!r}")
+        if unknown := [v for v in spec.variants if v not in VARIANTS or v == "gt_box_oracle"]:
+            raise ValueError(f"profile {profile.name}: recipe {name} has unknown or untrained variants {unknown}")
+        preset_config(profile.preset, **spec.model)
+        TrainingRecipe.from_dict(spec.training)
     for stage_name, spec in profile.stages.items():
         if spec.probe_positions not in ("first", "all"):
             raise ValueError(f"profile {profile.name}: stage {stage_name} probe_positions must be 'first' or 'all'")

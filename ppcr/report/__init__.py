@@ -4,7 +4,7 @@
     table1(study)                               # the paper's Table 1 beside the rows this run reproduces
     table2(study), table3(study), box_head_costs(study)
     seed_summary(study), bootstrap_gains(study), box_conditional_gains(study), prompt_probe_table(study),
-    breakdown(study, "expr_type"),
+    breakdown(study, "expr_type"), mechanism_table(study, "size"), completeness_table(study),
     failure_cases(study)
     provenance(study)                           # one markdown line: profile, preset, commit, device, command
 
@@ -24,6 +24,8 @@ re-exports their names, so `from ppcr import report; report.table1(study)` reads
     costs            box-head cost (Table 3's efficiency claim), training stages
     stats            seeds, paired bootstrap intervals, the paper's claims
     breakdowns       breakdowns by group, failure cases
+    mechanism        the paper's mechanism: by target size, occlusion, ppcr's box right / wrong; mask completeness
+    benchmark        what each evaluated dataset asks of the model, beside RefCOCO/+/g's published figures
     examples         figures' inputs (images, masks) for ppcr.viz
     provenance_line  provenance (named so that `report.provenance` stays the function)
     status           the front page's status block: what this build reproduced and what it did not
@@ -45,6 +47,9 @@ from ppcr.report.stats import (BOOTSTRAP_PAIRS, BOX_VARIANTS, CLAIMS, GROUNDED_B
                                PROBE_READERS, prompt_probe_table, seed_summary)
 from ppcr.report.breakdowns import (AMBIGUITY_FROM, OCCLUSION_BELOW, breakdown, breakdown_table, failure_cases,
                                     failure_reason, failure_table)
+from ppcr.report.mechanism import (completeness_rows, completeness_table, mechanism_breakdown, mechanism_table,
+                                   target_tokens)
+from ppcr.report.benchmark import benchmark_rows, benchmark_table, box_token_values, published_table
 from ppcr.report.examples import entity_example, failure_figure_rows, qualitative_examples
 from ppcr.report.provenance_line import provenance
 from ppcr.report.status import not_reproduced, status_markdown, status_table, study_date
@@ -67,6 +72,8 @@ __all__ = [
     "claim_verdict", "claims_table", "breakdown", "breakdown_table", "OCCLUSION_BELOW",
     "AMBIGUITY_FROM", "failure_reason", "failure_cases", "failure_table", "failure_figure_rows", "qualitative_examples",
     "entity_example", "provenance", "metric_rows", "summary_line", "SHOWN_VARIANTS", "make_explorer", "explorer_start",
-    "static_examples", "static_view",
+    "static_examples", "static_view", "mechanism_breakdown", "mechanism_table", "completeness_rows",
+    "completeness_table", "target_tokens", "benchmark_rows", "benchmark_table", "published_table",
+    "box_token_values",
     "status_table", "status_markdown", "not_reproduced", "study_date",
 ]

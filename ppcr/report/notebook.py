@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ppcr.provenance import resolve_device
+from ppcr.recipe.profile import model_variant
 from ppcr.report.explorer import PredictionExplorer
 from ppcr.report.static_explorer import static_explorer
 from ppcr.report.study import Study
@@ -64,8 +65,8 @@ def make_explorer(study: Study, live: bool = False, device: str = "cpu", data_ro
         for variant in predictions:
             checkpoint = study.checkpoint(variant, seed)
             if checkpoint and Path(checkpoint).is_dir():
-                models[variant] = PPCRModel.from_pretrained(checkpoint, variant=variant, **overrides).to(
-                    resolve_device(device)).eval()
+                model = PPCRModel.from_pretrained(checkpoint, variant=model_variant(variant), **overrides)
+                models[variant] = model.to(resolve_device(device)).eval()
     explorer = PredictionExplorer(study.data_root(data_root), study.datasets, predictions=predictions, models=models)
     selected = tuple(v for v in shown if v in explorer.variants)
     if selected:

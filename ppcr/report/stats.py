@@ -93,6 +93,7 @@ def bootstrap_gains(study: Study, pairs: tuple[tuple[str, str], ...] = BOOTSTRAP
     """Paired bootstrap 95% intervals of candidate - baseline (percentage points) per dataset/split and metric,
     pooled over seeds (pairs are (seed, ref_id, sent_id)); whether the interval excludes 0."""
     rows = []
+    pairs = tuple(pairs) + tuple((f"glamm@{name}", f"ppcr@{name}") for name in study.recipes)  # each other recipe
     for baseline, candidate in pairs:
         for key, a, b in _paired_splits(study, baseline, candidate):
             for metric in metrics:

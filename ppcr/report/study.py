@@ -55,6 +55,12 @@ class Study:
         return {d["name"]: d["split_by"] for d in specs}
 
     @property
+    def recipes(self) -> dict[str, str]:
+        """The profile's other recipes for stages 2-3 (`recipes:`), name -> label, in the profile's order."""
+        specs = self.index.get("profile_config", {}).get("recipes", {}) or {}
+        return {name: spec.get("label") or f"{name} recipe" for name, spec in specs.items()}
+
+    @property
     def keys(self) -> list[str]:
         """Every "dataset/split" evaluated, in the order of the first results file."""
         keys: list[str] = []

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
+from ppcr.model.config import TrainingRecipe
 from ppcr.model.shipped import REGENERATE
 from ppcr.report.study import Study
 
@@ -284,10 +285,34 @@ def reproduced_caption(study: Study) -> str:
         text += ("Columns map RefCOCO ~ synref, RefCOCO+ ~ synref+, RefCOCOg Val(U)/Test(U) ~ synrefg umd val/test: "
                  "the reproduced rows are SynRef results of a small model, not RefCOCO numbers, and are not "
                  "comparable in absolute value with the paper's rows; compare the order of the variants. ")
-    text += foundation_text(study)
+    text += foundation_text(study) + recipe_text(study)
     if study.profile == "smoke":
         text += "The smoke profile trains for a few steps only: its numbers mean nothing (often 0). "
     return text
+
+
+def recipe_additions(training: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """The settings of a profile's (or recipe's) `training` and `model` blocks that are not the paper's recipe."""
+    paper, ours = TrainingRecipe(), TrainingRecipe.from_dict(training)
+    added = [f"{name}={getattr(ours, name)}" for name in TrainingRecipe.__dataclass_fields__
+             if getattr(ours, name) != getattr(paper, name)]
+    if model.get("soft_prompt_tokens", 1) != 1:
+        added.append(f"soft_prompt_tokens={model['soft_prompt_tokens']}")
+    return added
+
+
+def recipe_text(study: Study) -> str:
+    """Which rows were trained with the paper's recipe and which with settings the paper does not have (the profile's
+    own recipe, and each of its other recipes: rows named `<variant>@<recipe>`)."""
+    cfg = study.index.get("profile_config", {})
+    parts = []
+    for name, block in [("", cfg)] + list((cfg.get("recipes") or {}).items()):
+        added = recipe_additions(block.get("training") or {}, block.get("model") or {})
+        rows = (f"Recipe of the {study.profile} profile's own rows" if not name
+                else f"Recipe of the rows `<variant>@{name}` ({study.recipes.get(name, name)})")
+        parts.append(f"{rows}: the paper's" + (f", with settings the paper does not have: {', '.join(added)}"
+                                               if added else "") + ". ")
+    return "".join(parts)
 
 
 def foundation_text(study: Study) -> str:
@@ -458,12 +483,16 @@ def table1(study: Study) -> Table:
     rows = paper + [_difference_row(by_name["GLaMM"], by_name["PPCR"], "Absolute (PPCR \u2212 GLaMM)", "paper",
                                     {"mllm": ""})]
     lead = {"mllm": f"{study.preset} preset"}
-    repro = [_reproduced_row(study, v, VARIANT_LABELS[v] if v != "glamm" else "GLaMM-style", lead)
-             for v in TABLE1_VARIANTS.values() if v in study.results]
-    rows += repro
-    if len(repro) == 2:
-        rows.append(_difference_row(repro[0], repro[1], "Absolute (PPCR \u2212 GLaMM-style)", repro[0]["source"],
-                                    {"mllm": ""}))
+    # the profile's own recipe, then each of its other recipes (`recipes:`, e.g. the paper's beside the demo's)
+    for suffix, recipe in [("", f"{study.profile}'s recipe" if study.recipes else "")] + [
+            (f"@{name}", label) for name, label in study.recipes.items()]:
+        repro = [_reproduced_row(study, v + suffix, (VARIANT_LABELS[v] if v != "glamm" else "GLaMM-style")
+                                 + (f", {recipe}" if recipe else ""), lead)
+                 for v in TABLE1_VARIANTS.values() if v + suffix in study.results]
+        rows += repro
+        if len(repro) == 2:
+            rows.append(_difference_row(repro[0], repro[1], "Absolute (PPCR \u2212 GLaMM-style)"
+                                        + (f", {recipe}" if recipe else ""), repro[0]["source"], {"mllm": ""}))
     sanity = sanity_rows(study, list(TABLE1_VARIANTS.values()),
                          {name: {"mllm": ""} for name in ("gt", *TABLE1_VARIANTS.values())})
     rows += sanity

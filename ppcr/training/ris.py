@@ -97,13 +97,15 @@ def ris_start_model(profile: Profile, variant: str, seed: int, weights: dict[str
 
 
 def run_ris_stage(profile: Profile, out: Path, variant: str, seed: int, stage_name: str, init_from: Path | None,
-                  weights: dict[str, str | None], upstream: str, resume: bool, progress: bool) -> Path:
+                  weights: dict[str, str | None], upstream: str, resume: bool, progress: bool,
+                  suffix: str = "") -> Path:
     """Stage 2 (`stage_name` "glamm_init", the `glamm` variant) or stage 3 ("variants", folder `<variant>`), cached:
-    the variant's PPCR checkpoint folder. `init_from`: stage 2's checkpoint, what stage 3 starts from."""
+    the variant's PPCR checkpoint folder. `init_from`: stage 2's checkpoint, what stage 3 starts from. `suffix`:
+    `@<recipe>` for another recipe of the profile (its folders are `glamm_init@<recipe>`, `<variant>@<recipe>`)."""
     config = profile.model_config(variant, seed)
     fp = profile.fingerprint(stage_name, variant, asdict(config), asdict(profile.training_recipe()),
                              profile.stage(stage_name), upstream, seed)
-    label = stage_name if stage_name == "glamm_init" else variant
+    label = (stage_name if stage_name == "glamm_init" else variant) + suffix
 
     def train(stage: Path, ckpt: Path) -> tuple[TrainResult, dict[str, Any]]:
         model = ris_start_model(profile, variant, seed, weights, init_from)
@@ -137,11 +139,13 @@ def train_variant(profile: Profile, out: str | Path, variant: str, seed: int, re
                   progress: bool = True) -> Path:
     """Everything a variant needs (stages 0-3, cached) -> its PPCR checkpoint folder.
 
-    `gt_box_oracle` is not trained: it is the `ppcr` checkpoint evaluated with ground-truth boxes.
+    `gt_box_oracle` is not trained: it is the `ppcr` checkpoint evaluated with ground-truth boxes. `<variant>@<recipe>`
+    trains with the profile's other recipe of that name (`Profile.recipes`): its own stage 2, then the variant.
     """
     out = Path(out)
     if variant == "gt_box_oracle":
         variant = "ppcr"
+    profile, variant, suffix = profile.for_variant(variant)
     profile.check_weight_paths()
     distributed.init(resolve_device(profile.device))
     prepare_data(profile, out, progress)
@@ -157,9 +161,10 @@ def train_variant(profile: Profile, out: str | Path, variant: str, seed: int, re
             raise FileNotFoundError(f"init_from {glamm} is not a PPCR checkpoint (no config.json); make one with "
                                     "`ppcr convert glamm ...`")
     else:
-        glamm = run_ris_stage(profile, out, "glamm", seed, "glamm_init", None, weights, upstream, resume, progress)
+        glamm = run_ris_stage(profile, out, "glamm", seed, "glamm_init", None, weights, upstream, resume, progress,
+                              suffix)
     return run_ris_stage(profile, out, variant, seed, "variants", glamm, weights, relative(glamm, out), resume,
-                         progress)
+                         progress, suffix)
 
 
 def trained_checkpoint(out: str | Path, variant: str, seed: int) -> Path:

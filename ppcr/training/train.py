@@ -14,7 +14,8 @@ from ppcr.training.ris import train_variant
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", required=True, help="smoke | demo | synthetic | paper, or a profile YAML")
-    p.add_argument("--variant", required=True, help=f"one of {sorted(VARIANTS)}")
+    p.add_argument("--variant", required=True,
+                   help=f"one of {sorted(VARIANTS)}, or <variant>@<recipe> for a recipe of the profile's `recipes:`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run folder holding data, stages and checkpoints (default runs/<profile>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its checkpoint")
@@ -25,10 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.variant not in VARIANTS:
-        raise SystemExit(f"ppcr train: unknown variant {args.variant!r}; choose one of {sorted(VARIANTS)}")
     overrides = {"data_root": args.data_root}
     profile = load_profile(args.profile, overrides)
+    if args.variant not in VARIANTS and args.variant not in profile.recipe_variants():
+        raise SystemExit(f"ppcr train: unknown variant {args.variant!r}; choose one of {sorted(VARIANTS)} "
+                         f"or {profile.recipe_variants()}")
     for key, value in (("llava_path", args.llava_path), ("sam_checkpoint", args.sam_checkpoint)):
         if value:
             profile.model[key] = str(Path(value).resolve())  # (recorded in the checkpoint: absolute, so it
