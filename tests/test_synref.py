@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,21 @@ def test_cache_skips_identical_parameters(tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / IMAGE_DIR).iterdir()} == names  # stale images removed
 
 
+def test_a_suite_without_the_pickle_gets_it_without_being_regenerated(tmp_path: Path) -> None:
+    """A suite generated before SynRef wrote `refs(<splitBy>).p` is completed in place: a training process reading
+    its images meanwhile never sees them deleted."""
+    generate_suite("synrefg", tmp_path, 20, seed=1, progress=False)
+    for name in ("refs(umd).p", "refs(google).p"):
+        (tmp_path / "synrefg" / name).unlink()
+    images = sorted((tmp_path / IMAGE_DIR).iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in images}
+    generate_suite("synrefg", tmp_path, 20, seed=1, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / IMAGE_DIR).iterdir())} == stamps
+    for split_by in ("umd", "google"):
+        with open(tmp_path / "synrefg" / f"refs({split_by}).p", "rb") as f:
+            assert pickle.load(f) == _load(tmp_path / "synrefg" / f"refs({split_by}).json")
+
+
 def test_cli_synth(tmp_path: Path) -> None:
     from ppcr.cli import main
 
@@ -232,7 +248,6 @@ def test_a_suite_reads_as_refcoco_through_refers_own_files(out_dir: Path, tmp_pa
     """REFER's refer.py (the copy LISA and GLaMM ship) knows only the folder names refcoco / refcoco+ / refcocog, reads
     `refs(<splitBy>).p` with `pickle.load` and `instances.json`, and indexes them as below; a SynRef suite placed
     under such a name reads that way, with the images under images/mscoco/images/train2014."""
-    import pickle
 
     from ppcr.data.refer import Refer
 
@@ -267,3 +282,24 @@ def test_a_suite_reads_as_refcoco_through_refers_own_files(out_dir: Path, tmp_pa
         (alone / name).write_bytes((out_dir / "synref" / name).read_bytes())
     refer = Refer(alone.parent, "refcoco", "unc")
     assert refer.refs_file.suffix == ".p" and refer.refs == _refs(out_dir, "synref")
+
+
+def test_two_commands_generating_one_folder_at_once_take_turns(tmp_path: Path) -> None:
+    """Stages 0 and 1 of the foundation may start at once on one run folder: generation holds the folder's lock, so
+    the second command waits for the first and finds the suite made, instead of deleting the images the first is
+    writing (or a training process is reading)."""
+    import fcntl
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    with open(tmp_path / ".synref.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another command is generating
+        proc = ctx.Process(target=generate_suite, args=("synref", tmp_path, 30),
+                           kwargs={"seed": 2, "workers": 1, "progress": False})
+        proc.start()
+        time.sleep(8)
+        assert proc.is_alive() and not (tmp_path / "synref").exists()  # it waits
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    proc.join(timeout=300)
+    assert proc.exitcode == 0 and len(_load(tmp_path / "synref" / "refs(unc).json")) == 30

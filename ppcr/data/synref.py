@@ -22,6 +22,8 @@ parsed back by :func:`ppcr.data.synref_language.resolve` and refers to exactly i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import multiprocessing
@@ -29,7 +31,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -274,12 +276,17 @@ def _is_cached(suite_dir: Path, image_dir: Path, config: dict[str, Any]) -> bool
     cfg = suite_dir / "generator_config.json"
     if not cfg.exists() or json.loads(cfg.read_text(encoding="utf-8")) != config:
         return False
-    needed = ["instances.json", "stats.json"] + [f"refs({sb}).{ext}" for sb in SPLIT_BYS[config["suite"]]
-                                                 for ext in ("json", "p")]
+    needed = ["instances.json", "stats.json"] + [f"refs({sb}).json" for sb in SPLIT_BYS[config["suite"]]]
     if not all((suite_dir / name).exists() for name in needed):
         return False
     images = json.loads((suite_dir / "instances.json").read_text(encoding="utf-8"))["images"]
-    return all((image_dir / im["file_name"]).exists() for im in images)
+    if not all((image_dir / im["file_name"]).exists() for im in images):
+        return False
+    for split_by in SPLIT_BYS[config["suite"]]:  # a suite from before the pickles: written from its JSON, in place
+        pickled = suite_dir / f"refs({split_by}).p"
+        if not pickled.exists():
+            _write_pickle(pickled, json.loads((suite_dir / f"refs({split_by}).json").read_text(encoding="utf-8")))
+    return True
 
 
 class OldSynRefError(ValueError):
@@ -312,6 +319,25 @@ def generate_suite(suite: str, out: str | Path, n_refs: int, seed: int = 0, imag
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; expected one of {SUITES} or 'all'")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out / ".synref.lock"):  # two commands on one folder (e.g. stages 0 and 1 at once): one generates
+        return _generate_suite(suite, out, n_refs, seed, image_size, blur_fraction, low_contrast_fraction, workers,
+                               progress)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (POSIX advisory lock) for as long as the block runs."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate_suite(suite: str, out: Path, n_refs: int, seed: int, image_size: int, blur_fraction: float,
+                    low_contrast_fraction: float, workers: int, progress: bool) -> dict[str, Any]:
     suite_dir, image_dir = out / suite, out / IMAGE_DIR
     config = {"suite": suite, "n_refs": n_refs, "seed": seed, "image_size": image_size,
               "blur_fraction": blur_fraction, "low_contrast_fraction": low_contrast_fraction,
