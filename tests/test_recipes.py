@@ -49,3 +49,17 @@ def test_every_caption_says_which_settings_are_not_the_papers(study):
     assert ("Recipe of the rows `<variant>@demo` (the demo's additions (not in the paper)): the paper's, with settings "
             "the paper does not have: detach_box_for_sam=True, train_box_prompt=mixed") in caption
     assert "soft_prompt_tokens=4" in caption
+
+
+def test_a_recipe_keeps_the_profiles_weight_paths_and_replaces_its_training(tmp_path):
+    """The paper profile's weights come from the command line into `model`: a recipe keeps them (its model block is
+    laid over the profile's), while its training block replaces the profile's."""
+    profile = load_profile("paper", {"recipes": {"plain": {"variants": ["ppcr"], "model": {"soft_prompt_tokens": 2}}},
+                                     "training": {"train_semantic_box": 2.0}})
+    profile.model["llava_path"] = "/weights/llava"
+    derived, variant, suffix = profile.for_variant("ppcr@plain")
+    assert (variant, suffix) == ("ppcr", "@plain")
+    assert derived.model["llava_path"] == "/weights/llava" and derived.model["soft_prompt_tokens"] == 2
+    assert derived.training == {} and derived.training_recipe().train_semantic_box == 0.0
+    demo = load_profile("demo").for_variant("ppcr@paper")[0]
+    assert demo.model_config("ppcr", 0).soft_prompt_tokens == 1 and demo.training == {}

@@ -75,8 +75,9 @@ class StageSpec:
 @dataclass
 class RecipeSpec:
     """Another recipe for stages 2-3 in the same study (a profile's `recipes:` entry): its `variants` are trained
-    from the same foundation and data with these `model` and `training` blocks in place of the profile's, and are
-    named `<variant>@<recipe>` (e.g. `ppcr@paper`: the paper's recipe beside the profile's own)."""
+    from the same foundation and data, named `<variant>@<recipe>` (e.g. `ppcr@paper`: the paper's recipe beside the
+    profile's own). Its `training` block replaces the profile's (an empty one is the paper's recipe); its `model`
+    block is laid over the profile's (whose weight paths and precision it keeps)."""
 
     variants: list[str]
     model: dict[str, Any] = field(default_factory=dict)
@@ -170,8 +171,8 @@ class Profile:
         if recipe not in self.recipes or variant not in self.recipes[recipe].variants:
             raise ValueError(f"profile {self.name!r} has no recipe variant {name!r} (it has {self.recipe_variants()})")
         spec = self.recipes[recipe]
-        return dataclasses.replace(self, model=dict(spec.model), training=dict(spec.training), recipes={},
-                                   variants=list(spec.variants)), variant, f"{RECIPE_MARK}{recipe}"
+        return dataclasses.replace(self, model={**self.model, **spec.model}, training=dict(spec.training),
+                                   recipes={}, variants=list(spec.variants)), variant, f"{RECIPE_MARK}{recipe}"
 
     def stage(self, name: str) -> StageSpec:
         if name not in self.stages:
@@ -226,7 +227,7 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
             raise ValueError(f"profile {profile.name}: recipe name {name!r} must be a word without {RECIPE_MARK!r}")
         if unknown := [v for v in spec.variants if v not in VARIANTS or v == "gt_box_oracle"]:
             raise ValueError(f"profile {profile.name}: recipe {name} has unknown or untrained variants {unknown}")
-        preset_config(profile.preset, **spec.model)
+        preset_config(profile.preset, **{**profile.model, **spec.model})
         TrainingRecipe.from_dict(spec.training)
     for stage_name, spec in profile.stages.items():
         if spec.probe_positions not in ("first", "all"):

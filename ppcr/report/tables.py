@@ -307,7 +307,8 @@ def recipe_text(study: Study) -> str:
     cfg = study.index.get("profile_config", {})
     parts = []
     for name, block in [("", cfg)] + list((cfg.get("recipes") or {}).items()):
-        added = recipe_additions(block.get("training") or {}, block.get("model") or {})
+        model = {**(cfg.get("model") or {}), **(block.get("model") or {})} if name else (block.get("model") or {})
+        added = recipe_additions(block.get("training") or {}, model)
         rows = (f"Recipe of the {study.profile} profile's own rows" if not name
                 else f"Recipe of the rows `<variant>@{name}` ({study.recipes.get(name, name)})")
         parts.append(f"{rows}: the paper's" + (f", with settings the paper does not have: {', '.join(added)}"
