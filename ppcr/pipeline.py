@@ -28,7 +28,7 @@ from ppcr.evaluation.evaluate import evaluate_model, load_for_evaluation
 from ppcr.evaluation.foundation_eval import evaluate_foundation, foundation_eval_dir
 from ppcr.evaluation.prompt_probe import PROBE_VERSION, run_prompt_probe
 from ppcr.provenance import git_commit
-from ppcr.recipe.profile import Profile, load_profile
+from ppcr.recipe.profile import Profile, load_profile, model_variant
 from ppcr.training.data import data_root, prepare_data
 from ppcr.training.ris import base_weights, sam_cache_for, train_variant
 from ppcr.training.stage import stage_summaries
@@ -115,7 +115,7 @@ def _study_seed(profile: Profile, out: Path, seed: int, resume: bool, progress: 
         target = results_path(out, variant, seed)
         tic = time.perf_counter()
         if not _is_current(target, ckpt):
-            model = load_for_evaluation(ckpt, profile.for_variant(variant)[1], profile.device)
+            model = load_for_evaluation(ckpt, model_variant(variant), profile.device)
             evaluate_model(model, data_root(profile, out), profile.datasets, target,
                            batch_size=profile.eval_batch_size, max_expressions=profile.eval_max_expressions,
                            sam_cache=sam_cache_for(model, out, profile), progress=progress,

@@ -129,8 +129,7 @@ def test_the_whole_paper_route_at_the_tiny_preset(tiny_refer, tmp_path):
     from ppcr.model.tokenizer import build_word_tokenizer
 
     weights = tmp_path / "weights"
-    words = sorted({w for line in ("dog on top upper lower thin cat square bird in the corner left",) for w in
-                    line.split()})
+    words = sorted(set("dog on top upper lower thin cat square bird in the corner left".split()))
     tokenizer = build_word_tokenizer(words)
     llava = weights / "llava-1.5-7b-hf"
     torch.manual_seed(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ppcr.data.refer import restricted_load_pickle
 from ppcr.data.synref import IMAGE_DIR, SPLIT_BYS, SPLITS, SUITES, generate_suite
 from ppcr.data.synref_language import FAMILY_OF, resolve, vocabulary
 
@@ -220,8 +220,8 @@ def test_a_suite_without_the_pickle_gets_it_without_being_regenerated(tmp_path: 
     generate_suite("synrefg", tmp_path, 20, seed=1, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / IMAGE_DIR).iterdir())} == stamps
     for split_by in ("umd", "google"):
-        with open(tmp_path / "synrefg" / f"refs({split_by}).p", "rb") as f:
-            assert pickle.load(f) == _load(tmp_path / "synrefg" / f"refs({split_by}).json")
+        assert restricted_load_pickle(tmp_path / "synrefg" / f"refs({split_by}).p") == _load(
+            tmp_path / "synrefg" / f"refs({split_by}).json")
 
 
 def test_cli_synth(tmp_path: Path) -> None:
@@ -246,9 +246,8 @@ def test_data_of_another_generator_version_is_refused(tmp_path: Path) -> None:
 
 def test_a_suite_reads_as_refcoco_through_refers_own_files(out_dir: Path, tmp_path: Path) -> None:
     """REFER's refer.py (the copy LISA and GLaMM ship) knows only the folder names refcoco / refcoco+ / refcocog, reads
-    `refs(<splitBy>).p` with `pickle.load` and `instances.json`, and indexes them as below; a SynRef suite placed
-    under such a name reads that way, with the images under images/mscoco/images/train2014."""
-
+    `refs(<splitBy>).p` (a plain pickle of built-in types) and `instances.json`, and indexes them as below; a SynRef
+    suite placed under such a name reads that way, with the images under images/mscoco/images/train2014."""
     from ppcr.data.refer import Refer
 
     root = tmp_path / "refer"
@@ -256,8 +255,8 @@ def test_a_suite_reads_as_refcoco_through_refers_own_files(out_dir: Path, tmp_pa
     (root / "refcocog").symlink_to(out_dir / "synrefg", target_is_directory=True)
     (root / "images").symlink_to(out_dir / "images", target_is_directory=True)
     for split_by in ("umd", "google"):
-        with open(root / "refcocog" / f"refs({split_by}).p", "rb") as f:
-            refs = pickle.load(f)  # the plain unpickler REFER uses: nothing but built-in types inside
+        # built-in types only: the restricted unpickler (which refuses anything else) reads what refer.py reads
+        refs = restricted_load_pickle(root / "refcocog" / f"refs({split_by}).p")
         assert refs == _load(out_dir / "synrefg" / f"refs({split_by}).json")
         instances = _load(root / "refcocog" / "instances.json")
         anns = {a["id"]: a for a in instances["annotations"]}

@@ -79,10 +79,11 @@ def ref_geometries(root: str | Path, dataset: str, split_by: str, split: str | N
     return refs, [ref_geometry(refer, r, grid) for r in refs]
 
 
-def dataset_stats(root: str | Path, dataset: str, split_by: str, split: str | None = None,
-                  grid: int = 8) -> dict[str, Any]:
-    """The figures of one dataset (one split, or all refs) against a `grid` x `grid` vision-token grid."""
-    refs, geo = ref_geometries(root, dataset, split_by, split, grid)
+def dataset_stats(root: str | Path, dataset: str, split_by: str, split: str | None = None, grid: int = 8,
+                  geometries: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The figures of one dataset (one split, or all refs) against a `grid` x `grid` vision-token grid
+    (`geometries`: `ref_geometries` of the same arguments, where the caller has them already)."""
+    refs, geo = geometries or ref_geometries(root, dataset, split_by, split, grid)
     sentences = [s for r in refs for s in r["sentences"]]
     types: dict[str, int] = {}
     for r in refs:

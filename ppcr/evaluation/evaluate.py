@@ -27,7 +27,7 @@ from ppcr.metrics import RefSegMeter, box_iou, mask_iou
 from ppcr.model.config import VARIANTS
 from ppcr.model.modeling_ppcr import PPCRModel
 from ppcr.provenance import device_name, git_commit, resolve_device
-from ppcr.recipe.profile import DataSpec, load_profile
+from ppcr.recipe.profile import DataSpec, load_profile, model_variant
 from ppcr.training.data import data_root, prepare_data
 from ppcr.training.diagnostics import box_fill_mask
 from ppcr.training.loop import peak_memory_mb
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not (checkpoint / "config.json").is_file():
         raise SystemExit(f"ppcr evaluate: not a PPCR checkpoint: {checkpoint}")
     prepare_data(profile, run_dir, progress=not args.no_progress)
-    model = load_for_evaluation(checkpoint, profile.for_variant(args.variant)[1], args.device or profile.device,
+    model = load_for_evaluation(checkpoint, model_variant(args.variant), args.device or profile.device,
                                 {"llava_path": args.llava_path, "sam_checkpoint": args.sam_checkpoint})
     model.prefix_cache = not args.no_prefix_cache
     evaluate_model(

@@ -4,6 +4,7 @@ published for RefCOCO, RefCOCO+ and RefCOCOg (`ppcr/resources/refcoco_published.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from importlib import resources
 from pathlib import Path
@@ -35,13 +36,19 @@ def _spread(q: dict[str, float], digits: int = 1) -> str:
     return f"{q['median']:.{digits}f} ({q['p10']:.{digits}f}-{q['p90']:.{digits}f})"
 
 
+@functools.lru_cache(maxsize=16)
+def _geometries(root: str, name: str, split_by: str, grid: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every ref of a dataset and its geometry, read once for the table and the histogram of one page."""
+    return ref_geometries(root, name, split_by, None, grid)
+
+
 def benchmark_rows(study: Study, data_root: str | Path | None = None) -> list[dict[str, Any]]:
     """One row per dataset the study evaluates: its figures over every ref (`ppcr.data.stats.dataset_stats`) at
     the study's vision-token grid."""
     root, grid = study.data_root(data_root), token_grid(study)
     rows = []
     for name, split_by in study.datasets.items():
-        s = dataset_stats(root, name, split_by, None, grid)
+        s = dataset_stats(root, name, split_by, None, grid, _geometries(str(root), name, split_by, grid))
         rows.append({
             "dataset": name, "stands_for": STANDS_FOR.get(name, name),
             "images": s["images"], "refs": s["refs"], "expressions": s["sentences"],
@@ -104,5 +111,5 @@ def published_table() -> Table:
 def box_token_values(study: Study, data_root: str | Path | None = None) -> dict[str, list[float]]:
     """dataset -> every ref's box side in vision tokens (for a histogram)."""
     root, grid = study.data_root(data_root), token_grid(study)
-    return {name: [g["box_tokens"] for g in ref_geometries(root, name, split_by, None, grid)[1]]
+    return {name: [g["box_tokens"] for g in _geometries(str(root), name, split_by, grid)[1]]
             for name, split_by in study.datasets.items()}
