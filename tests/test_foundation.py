@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ppcr.data.synref import GENERATOR_VERSION, generate_suite  # noqa: E402
 from ppcr.data.dataset import ReferSegDataset  # noqa: E402
 from ppcr.data.refer import Refer  # noqa: E402
-from ppcr.foundation.recipe import train_foundation  # noqa: E402
+from ppcr.foundation.recipe import train_foundation, train_stage  # noqa: E402
 from ppcr.model.shipped import (REGENERATE, FoundationMismatch, config_signature, foundation_dir,  # noqa: E402
                                 load_manifest, sha256, shipped_weights, verify_foundation)
 from ppcr.metrics import mask_iou  # noqa: E402
@@ -110,6 +110,12 @@ def test_train_foundation_writes_a_verifiable_manifest(tmp_path):
     curves = json.loads((dest / "curves.json").read_text())
     assert curves["sam_pretrain"] and curves["mllm_pretrain"]  # held-out figures per evaluation step
     assert "eval_history" not in json.dumps(manifest)
+    totals = [st["total_wall_s"] for st in manifest["stages"].values()]
+    assert len(totals) >= 2 and manifest["wall_s"] == pytest.approx(sum(totals), abs=0.1) and min(totals) > 0
+    # the device is no part of a stage's fingerprint: `--device` (a GPU run) finds the stages trained on the CPU
+    assert manifest["device"].startswith("cpu")
+    assert train_stage(tmp_path / "run", "sam_pretrain", "smoke", progress=False, device="auto").parent.name == \
+        next((tmp_path / "run" / "stages" / "seed0").glob("sam_pretrain-*")).name
     tiny = load_profile("smoke").model_config("glamm", 0)
     verify_foundation(tiny, dest)
     with pytest.raises(FoundationMismatch):

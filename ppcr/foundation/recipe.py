@@ -9,6 +9,7 @@ other profile, so no demo/val image is ever seen) and shipped in `ppcr/resources
 
     python -m ppcr.foundation train            # stages 0, 1a, 1 in order (cached and resumable in runs/foundation),
                                                # then the weights, curves.json and manifest.json into the package
+    python -m ppcr.foundation train --device cuda  # the same on a GPU (notes/gpu/ has the device tool's call)
     python -m ppcr.foundation train --stage sam_pretrain    # one stage alone (stages 0 and 1 can run at once)
     python -m ppcr.foundation verify           # hashes, configs and SynRef version against the manifest
 
@@ -21,6 +22,7 @@ stage's steps, wall time and final held-out figures, and the sha256 of every fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,21 +40,36 @@ from ppcr.model.config import preset_config
 from ppcr.model.shipped import (CURVES, FOUNDATION_PROFILE, MANIFEST, REGENERATE, STAGES, FoundationMismatch,
                                 config_signature, foundation_dir, sha256, verify_foundation)
 from ppcr.provenance import device_name, git_commit, resolve_device
-from ppcr.recipe.profile import load_profile
+from ppcr.recipe.profile import Profile, load_profile
 from ppcr.training.data import prepare_data
 from ppcr.training.mllm_pretrain import run_mllm_pretrain
 from ppcr.training.sam_pretrain import run_sam_pretrain
 
 # what the manifest keeps of each stage's DONE.json (the curves go to curves.json)
-STAGE_FIELDS = ("steps", "resumed_from", "wall_s", "samples_per_s", "final_losses", "final_eval")
+STAGE_FIELDS = ("steps", "resumed_from", "wall_s", "total_wall_s", "samples_per_s", "final_losses", "final_eval")
+
+
+def stage_seconds(record: dict[str, Any]) -> float | None:
+    """A stage's training seconds over all its segments: recorded by its checkpoints, or its one segment's when it
+    never resumed; None when it resumed from a checkpoint that did not record its time."""
+    if record.get("total_wall_s") is not None:
+        return float(record["total_wall_s"])
+    return float(record["wall_s"]) if not record.get("resumed_from") and record.get("wall_s") is not None else None
+
+
+def foundation_profile(profile_name: str = FOUNDATION_PROFILE, device: str | None = None) -> Profile:
+    """The foundation's profile, on `device` when given (the device is not part of any stage fingerprint: a stage
+    trained on a GPU is found by a later run on the CPU, and the other way round)."""
+    profile = load_profile(profile_name)
+    return profile if device is None else dataclasses.replace(profile, device=device)
 
 
 def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FOUNDATION_PROFILE,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, device: str | None = None) -> dict[str, Any]:
     """Stages 0, 1a and 1 of `profile_name` from scratch (cached and resumable under `out`), copied to `dest` (default:
     the package's foundation folder) with `curves.json` and `manifest.json`; returns the manifest."""
     dest = dest or foundation_dir()
-    profile = load_profile(profile_name)
+    profile = foundation_profile(profile_name, device)
     config = profile.model_config("glamm", 0)
     t0 = time.perf_counter()
     prepare_data(profile, out, progress)
@@ -72,6 +89,7 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
                 stages[stage] = {k: record.get(k) for k in STAGE_FIELDS}
                 curves[stage] = record.get("eval_history") or []
     (dest / CURVES).write_text(json.dumps(curves, indent=1))
+    seconds = [stage_seconds(st) for st in stages.values()]
     files = {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
     manifest = {
         "what": "stage 0 (SAM), stage 1a (CLIP tower) and stage 1 (LLaVA) of the small preset, trained from scratch "
@@ -84,19 +102,20 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "stages": stages, "curves": CURVES,
         "device": device_name(torch.device(resolve_device(profile.device))), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "torch": torch.__version__, "python": platform.python_version(),
-        "wall_s": round(sum(float(st.get("wall_s") or 0.0) for st in stages.values()), 1),
-        "wall_note": ("the sum of every stage's training seconds (each stage's last uninterrupted segment: a stage "
-                      "with resumed_from > 0 was resumed from that step and its earlier segments are not counted); "
-                      "stages 0 and 1 may have run at the same time (`--stage`)"),
+        "wall_s": None if None in seconds else round(sum(seconds), 1),  # type: ignore[arg-type]
+        "wall_note": ("the sum of every stage's training seconds over all its segments (a stage's wall_s is its last "
+                      "segment's, total_wall_s all of them; null where a stage resumed from a checkpoint that did not "
+                      "record its time); stages 0 and 1 may have run at the same time (`--stage`)"),
         "copy_wall_s": round(time.perf_counter() - t0, 1), "files": files,
     }
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 
 
-def train_stage(out: Path, stage: str, profile_name: str = FOUNDATION_PROFILE, progress: bool = True) -> Path:
+def train_stage(out: Path, stage: str, profile_name: str = FOUNDATION_PROFILE, progress: bool = True,
+                device: str | None = None) -> Path:
     """One of the foundation's stages alone (cached and resumable under `out`): its weights' path."""
-    profile = load_profile(profile_name)
+    profile = foundation_profile(profile_name, device)
     prepare_data(profile, out, progress)
     run = run_sam_pretrain if stage == "sam_pretrain" else run_mllm_pretrain
     return run(profile, out, 0, resume=True, progress=progress)
@@ -112,14 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=STAGES,
                         help="train only this stage (cached in --out; a later `train` without --stage finds it): "
                              "stages 0 and 1 are independent, so on a CPU they can run at once, a thread each")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"),
+                        help="where to train (default: the profile's, cpu); the stages' caches are shared across devices")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     dest = Path(args.dest) if args.dest else None
     if args.what == "train" and args.stage:
-        print(train_stage(Path(args.out), args.stage, args.profile, progress=not args.no_progress))
+        print(train_stage(Path(args.out), args.stage, args.profile, progress=not args.no_progress, device=args.device))
         return 0
     if args.what == "train":
-        manifest = train_foundation(Path(args.out), dest, args.profile, progress=not args.no_progress)
+        manifest = train_foundation(Path(args.out), dest, args.profile, progress=not args.no_progress,
+                                    device=args.device)
         print(json.dumps({k: manifest[k] for k in ("wall_s", "files")}, indent=2))
         return 0
     try:

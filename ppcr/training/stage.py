@@ -46,7 +46,8 @@ def done_info(stage: Path) -> dict[str, Any] | None:
 
 
 def mark_done(stage: Path, result: TrainResult, **extra: Any) -> dict[str, Any]:
-    info = {"steps": result.steps, "wall_s": result.wall_s, "samples_per_s": result.samples_per_s,
+    info = {"steps": result.steps, "wall_s": result.wall_s, "total_wall_s": result.total_wall_s,
+            "samples_per_s": result.samples_per_s,
             "peak_memory_mb": result.peak_memory_mb, "first_losses": result.first_losses,
             "final_losses": result.final_losses, "resumed_from": result.resumed_from,
             "final_eval": result.final_eval, "eval_history": result.eval_history, **extra}
