@@ -300,9 +300,10 @@ def _refuse_other_version(suite_dir: Path) -> None:
     version = json.loads(cfg.read_text(encoding="utf-8")).get("generator_version")
     if version != GENERATOR_VERSION:
         raise OldSynRefError(
-            f"{suite_dir} holds SynRef {version}, made by older code (this code generates {GENERATOR_VERSION}); its "
-            f"runs and results cannot be mixed with new ones: delete {suite_dir.parent} (the run folder's data, with "
-            "the run's stages and results) or give another output folder, and run the same command again")
+            f"{suite_dir} holds SynRef {version or 'from before versioning'}, made by older code (this code "
+            f"generates {GENERATOR_VERSION}) and never mixed with it: give another output folder, or delete "
+            f"{suite_dir.parent} (in a run folder delete the whole run folder: its stages and results were made on "
+            "the old data), and run the same command again")
 
 
 def generate_suite(suite: str, out: str | Path, n_refs: int, seed: int = 0, image_size: int = 256,

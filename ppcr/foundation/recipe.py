@@ -46,7 +46,8 @@ from ppcr.training.mllm_pretrain import run_mllm_pretrain
 from ppcr.training.sam_pretrain import run_sam_pretrain
 
 # what the manifest keeps of each stage's DONE.json (the curves go to curves.json)
-STAGE_FIELDS = ("steps", "resumed_from", "wall_s", "total_wall_s", "samples_per_s", "final_losses", "final_eval")
+STAGE_FIELDS = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "samples_per_s", "final_losses",
+                "final_eval")
 
 
 def stage_seconds(record: dict[str, Any]) -> float | None:
@@ -95,11 +96,12 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "what": "stage 0 (SAM), stage 1a (CLIP tower) and stage 1 (LLaVA) of the small preset, trained from scratch "
                 "on SynRef with one recipe",
         "command": REGENERATE if profile_name == FOUNDATION_PROFILE else f"{REGENERATE} --profile {profile_name}",
-        "git_commit": git_commit(), "profile": profile_name, "recipe": {k: asdict(v) for k, v in profile.stages.items()},
+        "git_commit": git_commit(), "profile": profile_name, "recipe": profile.to_dict(),
         "data": {"datasets": [asdict(d) for d in profile.datasets], "data_seed": profile.data_seed,
                  "image_size": profile.image_size},
         "synref_generator_version": GENERATOR_VERSION, "config_signature": config_signature(config),
         "stages": stages, "curves": CURVES,
+        # the machine that assembled the files; each stage's own `device` says what trained it (empty: not recorded)
         "device": device_name(torch.device(resolve_device(profile.device))), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "torch": torch.__version__, "python": platform.python_version(),
         "wall_s": None if None in seconds else round(sum(seconds), 1),  # type: ignore[arg-type]
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: manifest[k] for k in ("wall_s", "files")}, indent=2))
         return 0
     try:
-        manifest = verify_foundation(preset_config("small"), dest)
+        manifest = verify_foundation(load_profile(args.profile).model_config("glamm", 0), dest)
     except FoundationMismatch as err:
         print(f"ppcr.foundation: {err}", file=sys.stderr)
         return 2

@@ -28,8 +28,9 @@ CURVES = "curves.json"  # the held-out curves of each stage, beside the manifest
 STAGES = ("sam_pretrain", "mllm_pretrain")
 
 
-class FoundationMismatch(RuntimeError):
-    """The shipped foundation does not match the code (changed configs, missing or altered files)."""
+class FoundationMismatch(ValueError):
+    """The shipped foundation does not match the code (changed configs, missing or altered files): bad input, which
+    the command lines report in one line."""
 
 
 def foundation_dir() -> Path:
@@ -71,15 +72,10 @@ def load_manifest(directory: Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-SAM_SIGNATURE_KEYS = ("preset", "sam")  # what stage 0's weights depend on; stage 1's: the rest of the signature
 
 
-def verify_foundation(config: PPCRConfig, directory: Path | None = None,
-                      stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest.
-
-    stages: the stages whose weights will be used; ("sam_pretrain",) checks only the SAM part of the config (a new
-    stage 1 may change the LLaVA's settings while it keeps the shipped SAM)."""
+def verify_foundation(config: PPCRConfig, directory: Path | None = None) -> dict[str, Any]:
+    """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest."""
     directory = directory or foundation_dir()
     manifest = load_manifest(directory)
     hint = REGENERATE
@@ -95,8 +91,6 @@ def verify_foundation(config: PPCRConfig, directory: Path | None = None,
             f"the shipped foundation was trained on SynRef {manifest.get('synref_generator_version')}, this code "
             f"generates {GENERATOR_VERSION}; regenerate the weights with: {REGENERATE}")
     want, have = _normalise(manifest["config_signature"]), _normalise(config_signature(config))
-    if "mllm_pretrain" not in stages:
-        want, have = ({k: d.get(k) for k in SAM_SIGNATURE_KEYS} for d in (want, have))
     if want != have:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         raise FoundationMismatch(

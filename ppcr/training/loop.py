@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from ppcr.provenance import resolve_device
+from ppcr.provenance import device_name, resolve_device
 from ppcr.training import distributed
 
 # A hook for the resume tests: stop the process hard right after this optimisation step (as a kill would), in any
@@ -90,6 +90,7 @@ class TrainResult:
     # training seconds over every segment of the stage (the checkpoints carry them); None when the stage resumed from
     # a checkpoint that did not record its time
     total_wall_s: float | None = None
+    device: str = ""  # what trained this segment (`ppcr.provenance.device_name`)
     history: list[dict[str, float]] = field(default_factory=list)
     eval_history: list[dict[str, float]] = field(default_factory=list)  # {"step": s, "<metric>": v, ...}
 
@@ -402,6 +403,7 @@ def train_loop(
         final_losses={k: v for k, v in history[-1].items() if k not in ("step",)} if history else {},
         samples_per_s=samples / max(wall, 1e-9), peak_memory_mb=peak_memory_mb(device), wall_s=wall,
         total_wall_s=None if checkpointer.wall_s is None else checkpointer.wall_s + wall,
+        device=device_name(device),
     )
     summary = {k: v for k, v in asdict(result).items() if k not in ("history", "eval_history", "out_dir")}
     summary["final_eval"] = result.final_eval
