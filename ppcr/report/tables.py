@@ -272,8 +272,9 @@ def scale_text(study: Study) -> str:
                 f"{cfg.get('data_root')}")
     refs = sorted({d.get("refs", 0) for d in cfg.get("datasets", [])})
     cap = cfg.get("eval_max_expressions")
+    version = f", generator {study.synref_version}" if study.synref_version else ""
     return (f"profile {study.profile}: the {study.preset} preset trained and evaluated on SynRef (the project's "
-            f"synthetic benchmark, {'/'.join(map(str, refs))} refs per suite"
+            f"synthetic benchmark{version}, {'/'.join(map(str, refs))} refs per suite"
             f"{f', at most {cap} evaluated expressions per split' if cap else ''})")
 
 
