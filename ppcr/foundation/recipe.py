@@ -46,8 +46,8 @@ from ppcr.training.mllm_pretrain import run_mllm_pretrain
 from ppcr.training.sam_pretrain import run_sam_pretrain
 
 # what the manifest keeps of each stage's DONE.json (the curves go to curves.json)
-STAGE_FIELDS = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "samples_per_s", "final_losses",
-                "final_eval")
+STAGE_FIELDS = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "git_commit", "samples_per_s",
+                "final_losses", "final_eval")
 
 
 def stage_seconds(record: dict[str, Any]) -> float | None:
@@ -96,7 +96,8 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "what": "stage 0 (SAM), stage 1a (CLIP tower) and stage 1 (LLaVA) of the small preset, trained from scratch "
                 "on SynRef with one recipe",
         "command": REGENERATE if profile_name == FOUNDATION_PROFILE else f"{REGENERATE} --profile {profile_name}",
-        "git_commit": git_commit(), "profile": profile_name, "recipe": profile.to_dict(),
+        "git_commit": git_commit(),  # the code that assembled the files; each stage's own: the code that trained it
+        "profile": profile_name, "recipe": profile.to_dict(),
         "data": {"datasets": [asdict(d) for d in profile.datasets], "data_seed": profile.data_seed,
                  "image_size": profile.image_size},
         "synref_generator_version": GENERATOR_VERSION, "config_signature": config_signature(config),
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except FoundationMismatch as err:
         print(f"ppcr.foundation: {err}", file=sys.stderr)
         return 2
-    print(f"shipped foundation OK: {len(manifest['files'])} files, trained at commit {manifest['git_commit']}")
+    print(f"shipped foundation OK: {len(manifest['files'])} files, assembled at commit {manifest['git_commit']}")
     return 0
 
 

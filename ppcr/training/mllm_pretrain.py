@@ -427,5 +427,5 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
 def _vision_summary(stage: Path) -> dict[str, Any]:
     """What stage 1a's DONE.json says (steps, wall time, losses, its held-out curve), for stage 1's record."""
     done = done_info(stage) or {}
-    keys = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "samples_per_s", "final_losses", "eval_history", "final_eval")
+    keys = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "git_commit", "samples_per_s", "final_losses", "eval_history", "final_eval")
     return {"stage_dir": stage.name, **{k: done.get(k) for k in keys}}

@@ -26,6 +26,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from ppcr.provenance import git_commit
 from ppcr.recipe.profile import Profile
 from ppcr.training import distributed
 from ppcr.training.loop import LoopConfig, TrainResult
@@ -46,6 +47,7 @@ def done_info(stage: Path) -> dict[str, Any] | None:
 
 def mark_done(stage: Path, result: TrainResult, **extra: Any) -> dict[str, Any]:
     info = {"steps": result.steps, "wall_s": result.wall_s, "total_wall_s": result.total_wall_s, "device": result.device,
+            "git_commit": git_commit(),  # the code of the stage's last segment
             "samples_per_s": result.samples_per_s,
             "peak_memory_mb": result.peak_memory_mb, "first_losses": result.first_losses,
             "final_losses": result.final_losses, "resumed_from": result.resumed_from,
