@@ -72,6 +72,7 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
     dest = dest or foundation_dir()
     profile = foundation_profile(profile_name, device)
     config = profile.model_config("glamm", 0)
+    commit = git_commit()  # before the shipped files are replaced (which makes the tree differ from the commit)
     t0 = time.perf_counter()
     prepare_data(profile, out, progress)
     sam = run_sam_pretrain(profile, out, 0, resume=True, progress=progress)
@@ -96,7 +97,7 @@ def train_foundation(out: Path, dest: Path | None = None, profile_name: str = FO
         "what": "stage 0 (SAM), stage 1a (CLIP tower) and stage 1 (LLaVA) of the small preset, trained from scratch "
                 "on SynRef with one recipe",
         "command": REGENERATE if profile_name == FOUNDATION_PROFILE else f"{REGENERATE} --profile {profile_name}",
-        "git_commit": git_commit(),  # the code that assembled the files; each stage's own: the code that trained it
+        "git_commit": commit,  # the code that assembled the files; each stage's own: the code that trained it
         "profile": profile_name, "recipe": profile.to_dict(),
         "data": {"datasets": [asdict(d) for d in profile.datasets], "data_seed": profile.data_seed,
                  "image_size": profile.image_size},
