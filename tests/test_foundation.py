@@ -19,10 +19,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ppcr.data.synref import generate_suite  # noqa: E402
+from ppcr.data.synref import GENERATOR_VERSION, generate_suite  # noqa: E402
 from ppcr.data.dataset import ReferSegDataset  # noqa: E402
 from ppcr.data.refer import Refer  # noqa: E402
-from ppcr.foundation.recipe import train_foundation  # noqa: E402
+from ppcr.foundation.recipe import train_foundation, train_stage  # noqa: E402
 from ppcr.model.shipped import (REGENERATE, FoundationMismatch, config_signature, foundation_dir,  # noqa: E402
                                 load_manifest, sha256, shipped_weights, verify_foundation)
 from ppcr.metrics import mask_iou  # noqa: E402
@@ -39,11 +39,18 @@ def test_shipped_files_match_their_manifest_and_the_small_preset():
     manifest = verify_foundation(preset_config("small"))
     sizes = sum((foundation_dir() / rel).stat().st_size for rel in manifest["files"])
     assert sizes <= MAX_MB * 2**20, f"shipped foundation is {sizes / 2**20:.1f} MB (at most {MAX_MB})"
-    for key in ("command", "git_commit", "synref_generator_version", "profile_config", "stages", "device",
-                "wall_s", "config_signature"):
+    for key in ("command", "git_commit", "synref_generator_version", "recipe", "stages", "device", "wall_note",
+                "config_signature", "curves"):
         assert manifest.get(key), key
-    for stage in ("sam_pretrain", "mllm_pretrain"):
+    # the training time over every segment; null only where a stage resumed from a checkpoint that did not record
+    # its time (the first one-recipe run: its hours from the logs are in notes/history.md)
+    assert manifest["wall_s"] is None or manifest["wall_s"] > 0
+    assert manifest["wall_s"] is not None or any(st["resumed_from"] and st["total_wall_s"] is None
+                                                 for st in manifest["stages"].values())
+    assert manifest["command"] == REGENERATE  # one command regenerates every shipped file
+    for stage in ("sam_pretrain", "vision_pretrain", "mllm_pretrain"):
         assert manifest["stages"][stage]["steps"] > 0 and manifest["stages"][stage]["final_eval"]
+    assert (foundation_dir() / "manifest.json").stat().st_size < 20_000  # small: the curves are in curves.json
 
 
 def _fake_foundation(tmp_path: Path) -> Path:
@@ -52,7 +59,8 @@ def _fake_foundation(tmp_path: Path) -> Path:
     (dest / "sam.safetensors").write_bytes(b"sam")
     (dest / "llava" / "model.safetensors").write_bytes(b"llava")
     files = {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
-    manifest = {"files": files, "config_signature": config_signature(preset_config("small"))}
+    manifest = {"files": files, "config_signature": config_signature(preset_config("small")),
+                "synref_generator_version": GENERATOR_VERSION}
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 
@@ -68,12 +76,16 @@ def test_mismatches_are_refused_with_the_regenerate_command(tmp_path):
     with pytest.raises(FoundationMismatch, match="sam") as err:
         verify_foundation(deeper, dest)
     assert REGENERATE in str(err.value)
-    with pytest.raises(FoundationMismatch, match="sam"):  # SAM's own part is checked when only SAM is reused
-        verify_foundation(deeper, dest, stages=("sam_pretrain",))
     reordered = small.replace(image_after_prompt=not small.image_after_prompt)  # a stage-1 setting: LLaVA mismatch
     with pytest.raises(FoundationMismatch, match="image_after_prompt"):
         verify_foundation(reordered, dest)
-    verify_foundation(reordered, dest, stages=("sam_pretrain",))
+
+    manifest = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "synref_generator_version": "synref-1.1"}))
+    with pytest.raises(FoundationMismatch, match="trained on SynRef synref-1.1") as err:  # an old foundation
+        verify_foundation(small, dest)
+    assert REGENERATE in str(err.value)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
 
     (dest / "sam.safetensors").write_bytes(b"changed")
     with pytest.raises(FoundationMismatch, match="sha256") as err:
@@ -94,8 +106,18 @@ def test_train_foundation_writes_a_verifiable_manifest(tmp_path):
 
     dest = tmp_path / "shipped"
     manifest = train_foundation(tmp_path / "run", dest, "smoke", progress=False)
-    assert {"sam.safetensors", "llava/config.json"} <= set(manifest["files"])
+    assert {"sam.safetensors", "llava/config.json", "curves.json"} <= set(manifest["files"])
     assert manifest["stages"]["sam_pretrain"]["steps"] == load_profile("smoke").stage("sam_pretrain").steps
+    assert manifest["command"] == "python -m ppcr.foundation train --profile smoke"
+    curves = json.loads((dest / "curves.json").read_text())
+    assert curves["sam_pretrain"] and curves["mllm_pretrain"]  # held-out figures per evaluation step
+    assert "eval_history" not in json.dumps(manifest)
+    totals = [st["total_wall_s"] for st in manifest["stages"].values()]
+    assert len(totals) >= 2 and manifest["wall_s"] == pytest.approx(sum(totals), abs=0.1) and min(totals) > 0
+    # the device is no part of a stage's fingerprint: `--device` (a GPU run) finds the stages trained on the CPU
+    assert manifest["device"].startswith("cpu")
+    assert train_stage(tmp_path / "run", "sam_pretrain", "smoke", progress=False, device="auto").parent.name == \
+        next((tmp_path / "run" / "stages" / "seed0").glob("sam_pretrain-*")).name
     tiny = load_profile("smoke").model_config("glamm", 0)
     verify_foundation(tiny, dest)
     with pytest.raises(FoundationMismatch):
@@ -157,69 +179,21 @@ def test_box_frames_match_segment_anythings_predictor(shipped_sam, synref_val):
     assert float(np.mean(agreements)) > 0.95, agreements
 
 
-def test_continuing_the_shipped_foundation_keeps_sam_and_records_the_lineage(tmp_path, monkeypatch):
-    """`init: shipped` (the `foundation_continue` profile's recipe, at the smoke profile's size): stage 1 starts from
-    the shipped LLaVA, stage 0's SAM file is kept byte for byte, and the manifest names what it continued."""
-    import yaml
-    from safetensors.torch import load_file
-
-    import ppcr.foundation.recipe as recipe
-    import ppcr.model.shipped as shipped
-    from ppcr.recipe.profile import load_profile
-
-    raw = yaml.safe_load((Path(shipped.__file__).parents[1] / "recipe" / "profiles" / "smoke.yaml").read_text())
-    with_1a = {**raw, "stages": {**raw["stages"], "vision_pretrain": {"steps": 3, "batch_size": 4, "warmup_steps": 1}}}
-    (tmp_path / "smoke_1a.yaml").write_text(yaml.safe_dump(with_1a))
-    first = tmp_path / "first"  # with a stage 1a, whose record the continued LLaVA keeps
-    train_foundation(tmp_path / "run1", first, str(tmp_path / "smoke_1a.yaml"), progress=False)
-    for module in (shipped, recipe):  # "the shipped foundation" of this test
-        monkeypatch.setattr(module, "foundation_dir", lambda: first)
-    raw["stages"]["sam_pretrain"] = {"init": "shipped"}
-    raw["stages"]["mllm_pretrain"].update(init="shipped", probe_positions="all", probe_weight=5.0, probe_giou=False)
-    profile_path = tmp_path / "smoke_stage1.yaml"
-    profile_path.write_text(yaml.safe_dump(raw))
-
-    second = tmp_path / "second"
-    manifest = train_foundation(tmp_path / "run2", second, str(profile_path), progress=False)
-    previous = json.loads((first / "manifest.json").read_text())
-    assert sha256(second / "sam.safetensors") == previous["files"]["sam.safetensors"]
-    assert manifest["stages"]["sam_pretrain"]["kept_from_previous"]
-    lineage = manifest["stages"]["mllm_pretrain"]["continued_from"]
-    assert lineage["sha256"] == previous["files"]["llava/model.safetensors"]
-    assert manifest["stages"]["mllm_pretrain"]["steps_before"] == load_profile("smoke").stage("mllm_pretrain").steps
-    assert manifest["continued_from"]["files"] == previous["files"]
-    tower = manifest["stages"]["mllm_pretrain"]["vision_pretrain"]  # carried, and its time not counted again
-    assert tower["from_previous_segment"] and tower["steps"] == 3
-    assert manifest["wall_s"] == pytest.approx(manifest["stages"]["mllm_pretrain"]["wall_s"], abs=0.1)
-    history = manifest["stages"]["mllm_pretrain"]["eval_history_all"]  # the curve over both segments, one step axis
-    steps = [r["step"] for r in history]
-    assert steps == sorted(steps) and len(history) == len(previous["stages"]["mllm_pretrain"]["eval_history"]) + len(
-        manifest["stages"]["mllm_pretrain"]["eval_history"])
-    before, after = (load_file(str(d / "llava" / "model.safetensors")) for d in (first, second))
-    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
-    for module in (shipped, recipe):
-        monkeypatch.setattr(module, "foundation_dir", lambda: second)
-    verify_foundation(load_profile("smoke").model_config("glamm", 0), second)
-    raw["stages"]["mllm_pretrain"] = {"init": "shipped"}  # no steps: the shipped LLaVA is kept too
-    profile_path.write_text(yaml.safe_dump(raw))
-    third = train_foundation(tmp_path / "run3", tmp_path / "third", str(profile_path), progress=False)
-    assert third["files"] == manifest["files"]
-    assert all(third["stages"][n]["kept_from_previous"] for n in ("sam_pretrain", "mllm_pretrain"))
-
-
 def test_profile_refuses_unknown_stage1_recipes(tmp_path):
     import yaml
 
     from ppcr.recipe.profile import load_profile
 
     raw = yaml.safe_load((foundation_dir().parents[1] / "recipe" / "profiles" / "smoke.yaml").read_text())
-    for key, value in (("probe_positions", "middle"), ("init", "imagenet")):
+    for key, value in (("probe_positions", "middle"), ("init", "shipped")):
         bad = json.loads(json.dumps(raw))
         bad["stages"]["mllm_pretrain"][key] = value
         path = tmp_path / f"bad_{key}.yaml"
         path.write_text(yaml.safe_dump(bad))
-        with pytest.raises(ValueError, match=key):
+        with pytest.raises(ValueError, match=key) as err:  # one line; init: the continuation is gone
             load_profile(str(path))
+        assert "\n" not in str(err.value)
+        assert key != "init" or "python -m ppcr.foundation train" in str(err.value)
 
 
 def test_stage1_dense_probe_regresses_the_box_from_every_where_answer_position():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ppcr import report
+from ppcr.data.synref import GENERATOR_VERSION
 from ppcr.report.headline import END, START, headline_markdown, headline_table, main, replace_block
 from ppcr.report.tables import MeanStd
 
@@ -41,7 +42,7 @@ def test_caption_states_the_scale_and_leaks_no_machine_path(study: report.Study)
     caption = text.splitlines()[-1]
     for needed in ("profile `smoke`", "preset `tiny`", "one seed (0)", "8 evaluated expressions per split",
                    f"commit `{study.commit}`", "not RefCOCO numbers", "paper's Table 1",
-                   "python -m ppcr.report.headline .../smoke_study"):
+                   "python -m ppcr.report.headline .../smoke_study", f"generator {GENERATOR_VERSION}"):
         assert needed in caption, needed
     assert str(study.run_dir) not in text and str(Path.home()) not in text
     header = text.splitlines()[0]

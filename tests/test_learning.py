@@ -148,8 +148,9 @@ def test_older_cached_copies_of_a_stage_are_ignored(run: Path) -> None:
 
 def test_shipped_foundation_curves_when_the_run_has_no_stage_0_1(tmp_path: Path, run: Path) -> None:
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"stages": {"sam_pretrain": {"eval_history": SAM_EVAL, "steps": 20},
-                                               "mllm_pretrain": {"eval_history": MLLM_EVAL}}}))
+    manifest.write_text(json.dumps({"stages": {"sam_pretrain": {"steps": 20}, "mllm_pretrain": {}},
+                                    "curves": "curves.json"}))
+    (tmp_path / "curves.json").write_text(json.dumps({"sam_pretrain": SAM_EVAL, "mllm_pretrain": MLLM_EVAL}))
     ris_only = tmp_path / "ris_only"
     make_stage(ris_only, 0, "glamm_init", "ccc", GLAMM_EVAL)
     curves = learning.load_curves(ris_only, manifest=manifest)
@@ -168,15 +169,15 @@ def test_shipped_foundation_curves_when_the_run_has_no_stage_0_1(tmp_path: Path,
     assert {r.origin for r in own.held_out()} == {learning.RUN}
 
 
-def test_stage_1a_curves_from_the_shipped_manifest_get_their_own_panel(tmp_path: Path) -> None:
-    """Stage 1a (the CLIP tower's dense pretraining) is recorded inside stage 1's manifest entry; its accuracies
-    get a panel between stage 0 and stage 1, its box L1 (not a percentage) only the final table."""
+def test_stage_1a_curves_from_the_shipped_curves_get_their_own_panel(tmp_path: Path) -> None:
+    """Stage 1a (the CLIP tower's dense pretraining) has its curve in the shipped curves.json; its accuracies get a
+    panel between stage 0 and stage 1, its box L1 (not a percentage) only the final table."""
     manifest = tmp_path / "manifest.json"
     vision = [{"step": 10, "color_acc": 50.0, "shape_acc": 10.0, "box_l1": 0.2},
               {"step": 20, "color_acc": 80.0, "shape_acc": 12.0, "box_l1": 0.1}]
-    manifest.write_text(json.dumps({"stages": {"sam_pretrain": {"eval_history": SAM_EVAL},
-                                               "mllm_pretrain": {"eval_history": MLLM_EVAL,
-                                                                 "vision_pretrain": {"eval_history": vision}}}}))
+    manifest.write_text(json.dumps({"stages": {}, "curves": "curves.json"}))
+    (tmp_path / "curves.json").write_text(json.dumps({"sam_pretrain": SAM_EVAL, "mllm_pretrain": MLLM_EVAL,
+                                                      "vision_pretrain": vision}))
     ris_only = tmp_path / "ris_only"
     make_stage(ris_only, 0, "glamm_init", "ccc", GLAMM_EVAL)
     curves = learning.load_curves(ris_only, manifest=manifest)

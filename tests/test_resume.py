@@ -90,10 +90,13 @@ def test_a_resumed_loop_equals_an_uninterrupted_one_and_its_evaluations(tmp_path
     with pytest.raises(_Stop):
         train_loop(part, _stopping_step(4), _data(), _collate, _cfg(), stopped, progress=False,
                    evaluate=_evaluate, eval_every=2)
+    first = json.loads((stopped / "checkpoint" / "trainer_state.json").read_text())["wall_s"]  # segment 1's
     resumed = TwoBranches()
     res = train_loop(resumed, _step, _data(), _collate, _cfg(), stopped, resume=True, progress=False,
                      evaluate=_evaluate, eval_every=2)
     assert res.resumed_from == 4 and res.eval_history == ref.eval_history
+    # the stage's training time counts both segments: the checkpoint carried the first one's
+    assert ref.total_wall_s == ref.wall_s and first > 0 and res.total_wall_s == pytest.approx(first + res.wall_s)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     # stopped after the last checkpoint, before the stage's outputs were written: resuming runs no step

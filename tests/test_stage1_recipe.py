@@ -124,22 +124,6 @@ def test_stage1_starts_from_the_dense_pretrained_tower_and_keeps_it_frozen(tmp_p
     assert any(not torch.equal(fresh[k], tower[k]) for k in tower)  # stage 1a did train the tower
 
 
-def test_vision_pretrain_is_refused_on_top_of_a_continued_llava(tmp_path):
-    import yaml
-
-    from ppcr.model.shipped import foundation_dir
-    from ppcr.recipe.profile import load_profile
-    from ppcr.training.mllm_pretrain import run_mllm_pretrain
-
-    raw = yaml.safe_load((foundation_dir().parents[1] / "recipe" / "profiles" / "smoke.yaml").read_text())
-    raw["stages"]["vision_pretrain"] = {"steps": 4}
-    raw["stages"]["mllm_pretrain"]["init"] = "shipped"
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match="vision_pretrain"):
-        run_mllm_pretrain(load_profile(str(path)), tmp_path / "run", 0, progress=False)
-
-
 def test_object_grounding_questions_name_every_object_unique_by_colour_and_shape(tmp_path):
     """Every item names one object as "the <colour> <shape>", a combination no other object of its image has, with
     that object's box; each image contributes all such objects; items mix with the referring items in a batch."""
@@ -187,16 +171,3 @@ def test_stage_fingerprints_count_only_options_that_differ_from_their_defaults()
                 if getattr(spec, f.name) != getattr(StageSpec(), f.name)}
     assert profile.fingerprint("x", spec) == profile.fingerprint("x", StageSpec(**explicit))
     assert profile.fingerprint("x", spec) != profile.fingerprint("x", dataclasses.replace(spec, freeze_vision=True))
-
-
-def test_regenerate_hint_lists_every_segment_oldest_first():
-    from ppcr.model.shipped import REGENERATE, regenerate_hint
-
-    third = {"command": "c3", "continued_from": {"command": "c2", "continued_from": {"command": "c1"}}}
-    assert regenerate_hint(third) == "c1 && c2 && c3"
-    assert regenerate_hint(None) == REGENERATE
-    assert regenerate_hint({"continued_from": {"command": "c1"}}) == f"c1 && {REGENERATE}"
-    # a segment trained from a temporary profile copy (notes/gpu) names the repository's copy in `regenerate`
-    gpu = {"command": "c3 --profile /tmp/x.yaml", "regenerate": "r3",
-           "continued_from": {"command": "c2", "continued_from": {"command": "c1"}}}
-    assert regenerate_hint(gpu) == "c1 && c2 && r3"

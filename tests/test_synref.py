@@ -232,6 +232,18 @@ def test_cli_synth(tmp_path: Path) -> None:
     assert stats["refs"] == 50 and (tmp_path / "synref" / "refs(unc).json").exists()
 
 
+def test_data_of_another_generator_version_is_refused(tmp_path: Path) -> None:
+    from ppcr.data.synref import GENERATOR_VERSION, OldSynRefError
+
+    generate_suite("synref", tmp_path, 20, seed=1, workers=1, progress=False)
+    cfg = tmp_path / "synref" / "generator_config.json"
+    old = {**_load(cfg), "generator_version": "synref-1.1"}
+    cfg.write_text(json.dumps(old))
+    with pytest.raises(OldSynRefError, match=f"holds SynRef synref-1.1.*generates {GENERATOR_VERSION}"):
+        generate_suite("synref", tmp_path, 20, seed=1, workers=1, progress=False)
+    assert _load(cfg) == old  # nothing overwritten
+
+
 def test_a_suite_reads_as_refcoco_through_refers_own_files(out_dir: Path, tmp_path: Path) -> None:
     """REFER's refer.py (the copy LISA and GLaMM ship) knows only the folder names refcoco / refcoco+ / refcocog, reads
     `refs(<splitBy>).p` (a plain pickle of built-in types) and `instances.json`, and indexes them as below; a SynRef

@@ -56,7 +56,7 @@ from ppcr.data.synref_scene import SceneObjectSpec, encode_jpeg, place_objects, 
 
 __all__ = ["generate_suite", "resolve", "vocabulary", "add_arguments", "run", "SUITES", "GENERATOR_VERSION"]
 
-GENERATOR_VERSION = "synref-1.1"
+GENERATOR_VERSION = "synref-2.0"  # 2.0: objects twice the size (synref_scene.RADIUS)
 SUITES: tuple[str, ...] = ("synref", "synref+", "synrefg")
 SUITE_NUMBER: dict[str, int] = {s: i + 1 for i, s in enumerate(SUITES)}
 IMAGE_ID_STRIDE = 10_000_000  # image_id = suite number * stride + image index
@@ -289,6 +289,23 @@ def _is_cached(suite_dir: Path, image_dir: Path, config: dict[str, Any]) -> bool
     return True
 
 
+class OldSynRefError(ValueError):
+    """A folder holds SynRef made by another generator version: never overwritten or mixed with new data."""
+
+
+def _refuse_other_version(suite_dir: Path) -> None:
+    cfg = suite_dir / "generator_config.json"
+    if not cfg.exists():
+        return
+    version = json.loads(cfg.read_text(encoding="utf-8")).get("generator_version")
+    if version != GENERATOR_VERSION:
+        raise OldSynRefError(
+            f"{suite_dir} holds SynRef {version or 'from before versioning'}, made by older code (this code "
+            f"generates {GENERATOR_VERSION}) and never mixed with it: give another output folder, or delete "
+            f"{suite_dir.parent} (in a run folder delete the whole run folder: its stages and results were made on "
+            "the old data), and run the same command again")
+
+
 def generate_suite(suite: str, out: str | Path, n_refs: int, seed: int = 0, image_size: int = 256,
                    blur_fraction: float = 0.1, low_contrast_fraction: float = 0.1, workers: int = 2,
                    progress: bool = True) -> dict[str, Any]:
@@ -328,6 +345,7 @@ def _generate_suite(suite: str, out: Path, n_refs: int, seed: int, image_size: i
               "generator_version": GENERATOR_VERSION}
     if _is_cached(suite_dir, image_dir, config):
         return json.loads((suite_dir / "stats.json").read_text(encoding="utf-8"))
+    _refuse_other_version(suite_dir)
     suite_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
     (suite_dir / "generator_config.json").unlink(missing_ok=True)

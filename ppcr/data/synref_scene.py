@@ -21,7 +21,10 @@ RGB: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 200, 210), "blue": (35, 75, 215), "purple": (135, 55, 185), "pink": (245, 125, 190),
 }
 assert tuple(RGB) == COLORS
-RADIUS: dict[str, float] = {"small": 13.0, "medium": 20.0, "large": 29.0}  # at a 256-pixel image
+# at a 256-pixel image. synref-2.0 doubled them (13 / 20 / 29 before): a median target of 4.2-4.5 % of the image,
+# about 2.3 vision tokens across at the small preset's 8 x 8 grid, and half of the targets partly occluded
+# (notes/synref_geometry.md)
+RADIUS: dict[str, float] = {"small": 26.0, "medium": 40.0, "large": 58.0}
 MIN_VISIBLE = 0.5  # every object keeps at least this fraction of its pixels visible
 PLACEMENT_TRIES = 30
 

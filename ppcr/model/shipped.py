@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ppcr.data.synref import GENERATOR_VERSION
 from ppcr.model.config import PPCRConfig
 from ppcr.model.tokenizer import synref_tokenizer
 
@@ -22,25 +23,14 @@ FOUNDATION_PROFILE = "foundation"
 REGENERATE = "python -m ppcr.foundation train"
 
 
-def regenerate_hint(manifest: dict[str, Any] | None) -> str:
-    """The command(s) that regenerate the shipped files this manifest describes: a foundation continued from an
-    earlier one (`continued_from`, e.g. by `foundation_continue`) is its segments' commands, oldest first. A segment
-    trained from a temporary copy of its profile (the GPU call of notes/gpu) names the repository's copy in its
-    `regenerate` field, which wins over the `command` that ran."""
-    commands: list[str] = []
-    segment = manifest
-    while segment:
-        commands.insert(0, segment.get("regenerate") or segment.get("command") or REGENERATE)
-        segment = segment.get("continued_from")
-    return " && ".join(commands) if commands else REGENERATE
-
-
 MANIFEST = "manifest.json"
+CURVES = "curves.json"  # the held-out curves of each stage, beside the manifest
 STAGES = ("sam_pretrain", "mllm_pretrain")
 
 
-class FoundationMismatch(RuntimeError):
-    """The shipped foundation does not match the code (changed configs, missing or altered files)."""
+class FoundationMismatch(ValueError):
+    """The shipped foundation does not match the code (changed configs, missing or altered files): bad input, which
+    the command lines report in one line."""
 
 
 def foundation_dir() -> Path:
@@ -82,18 +72,13 @@ def load_manifest(directory: Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-SAM_SIGNATURE_KEYS = ("preset", "sam")  # what stage 0's weights depend on; stage 1's: the rest of the signature
 
 
-def verify_foundation(config: PPCRConfig, directory: Path | None = None,
-                      stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest.
-
-    stages: the stages whose weights will be used; ("sam_pretrain",) checks only the SAM part of the config (a new
-    stage 1 may change the LLaVA's settings while it keeps the shipped SAM)."""
+def verify_foundation(config: PPCRConfig, directory: Path | None = None) -> dict[str, Any]:
+    """Check the shipped files' sha256 and that `config` is the one they were trained with; returns the manifest."""
     directory = directory or foundation_dir()
     manifest = load_manifest(directory)
-    hint = regenerate_hint(manifest)
+    hint = REGENERATE
     for rel, digest in manifest["files"].items():
         path = directory / rel
         if not path.is_file():
@@ -101,9 +86,11 @@ def verify_foundation(config: PPCRConfig, directory: Path | None = None,
         if sha256(path) != digest:
             raise FoundationMismatch(f"shipped foundation file {path} does not match its sha256 in the manifest; "
                                      f"regenerate with: {hint}")
+    if manifest.get("synref_generator_version") != GENERATOR_VERSION:
+        raise FoundationMismatch(
+            f"the shipped foundation was trained on SynRef {manifest.get('synref_generator_version')}, this code "
+            f"generates {GENERATOR_VERSION}; regenerate the weights with: {REGENERATE}")
     want, have = _normalise(manifest["config_signature"]), _normalise(config_signature(config))
-    if "mllm_pretrain" not in stages:
-        want, have = ({k: d.get(k) for k in SAM_SIGNATURE_KEYS} for d in (want, have))
     if want != have:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         raise FoundationMismatch(

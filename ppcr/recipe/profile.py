@@ -58,8 +58,6 @@ class StageSpec:
     # stage 0: train only SAM's prompt encoder and mask decoder, the image encoder frozen (its embeddings computed
     # without gradient): a cheaper continuation of a trained SAM, as the later stages train SAM
     freeze_sam_encoder: bool = False
-    # stages 0-1: start from random weights ("scratch") or from the shipped foundation's ("shipped"; no steps: keep it)
-    init: str = "scratch"
     # stage 1: keep the CLIP tower frozen (as LLaVA's own stage 1 does), e.g. after the `vision_pretrain` stage
     freeze_vision: bool = False
     # stage 1: add "where"/"describe" questions about every object whose colour and shape are unique on its image
@@ -211,14 +209,29 @@ def _fingerprint_part(part: Any) -> Any:
     return dataclasses.asdict(part) if dataclasses.is_dataclass(part) else part
 
 
+# keys that profiles once had: the one-line refusal says what replaced them
+REMOVED_KEYS = {"init": "the shipped foundation is no longer continued; `python -m ppcr.foundation train` trains it "
+                        "from scratch with one recipe"}
+
+
+def _build(cls: type, raw: dict[str, Any], where: str, source: str) -> Any:
+    """`cls(**raw)`, refusing unknown keys in one line (a removed key says what replaced it)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in raw if k not in known)
+    if unknown:
+        why = "; ".join(f"{k}: {REMOVED_KEYS[k]}" for k in unknown if k in REMOVED_KEYS)
+        raise ValueError(f"profile {source}: {where} has unknown keys {unknown}" + (f" ({why})" if why else ""))
+    return cls(**raw)
+
+
 def _parse(raw: dict[str, Any], source: str) -> Profile:
     raw = copy.deepcopy(raw)
-    raw["datasets"] = [DataSpec(**d) for d in raw.get("datasets", [])]
-    raw["stages"] = {k: StageSpec(**v) for k, v in raw.get("stages", {}).items()}
-    raw["recipes"] = {k: RecipeSpec(**v) for k, v in raw.get("recipes", {}).items()}
+    raw["datasets"] = [_build(DataSpec, d, "a dataset", source) for d in raw.get("datasets", [])]
+    raw["stages"] = {k: _build(StageSpec, v, f"stage {k}", source) for k, v in raw.get("stages", {}).items()}
+    raw["recipes"] = {k: _build(RecipeSpec, v, f"recipe {k}", source) for k, v in raw.get("recipes", {}).items()}
     if "betas" in raw:
         raw["betas"] = tuple(raw["betas"])
-    profile = Profile(**raw, source=source)
+    profile = _build(Profile, {**raw, "source": source}, "the profile", source)
     unknown = [v for v in profile.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"profile {profile.name}: unknown variants {unknown}")
@@ -234,8 +247,6 @@ def _parse(raw: dict[str, Any], source: str) -> Profile:
     for stage_name, spec in profile.stages.items():
         if spec.probe_positions not in ("first", "all"):
             raise ValueError(f"profile {profile.name}: stage {stage_name} probe_positions must be 'first' or 'all'")
-        if spec.init not in ("scratch", "shipped"):
-            raise ValueError(f"profile {profile.name}: stage {stage_name} init must be 'scratch' or 'shipped'")
     if profile.sam_cache_dtype not in ("float32", "float16"):
         raise ValueError(f"profile {profile.name}: sam_cache_dtype must be float32 or float16")
     if profile.seed_workers < 1:

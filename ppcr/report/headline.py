@@ -95,9 +95,10 @@ def headline_caption(study: Study, rows: list[dict[str, Any]]) -> str:
             f"commit `{study.commit}`, study of {study_date(study)}; `gt_box_oracle` is the ppcr checkpoint given "
             "the ground-truth box (the paper's Table 3 oracle). ")
     if study.is_synthetic:
-        text += ("The reproduced rows are SynRef results (the project's synthetic benchmark; synref, synref+ and "
-                 "synrefg stand in for RefCOCO, RefCOCO+ and RefCOCOg) of a small model: SynRef numbers are not "
-                 "RefCOCO numbers, compare the order of the variants, not the values. ")
+        version = f", generator {study.synref_version}" if study.synref_version else ""
+        text += (f"The reproduced rows are SynRef results (the project's synthetic benchmark{version}; synref, "
+                 "synref+ and synrefg stand in for RefCOCO, RefCOCO+ and RefCOCOg) of a small model: SynRef numbers are "
+                 "not RefCOCO numbers, compare the order of the variants, not the values. ")
     else:
         text += "Both sides are RefCOCO-family numbers. "
     text += f"Made by `python -m ppcr.report.headline {display_path(study.run_dir)}`."

@@ -12,7 +12,8 @@ Stage folders are named and read back by `ppcr.training.stage`: `sam_pretrain` (
 the CLIP tower's dense pretraining, when the profile has it), `mllm_pretrain` (stage 1),
 `glamm_init` (stage 2, the GLaMM-style initialisation) and one folder per trained variant (stage 3). Runs that
 start from the shipped foundation have no stage 0-1 folders; their curves are then read from the shipped
-foundation's manifest (`ppcr/resources/foundation/manifest.json`) and labelled "shipped foundation". Stages
+foundation's `curves.json` (beside its `manifest.json` in `ppcr/resources/foundation/`) and labelled "shipped
+foundation". Stages
 trained before held-out diagnostics existed have no evaluation history: they are left out with a note.
 `foundation_eval-<hash>` folders (the stage 0-1 weights a run starts from, evaluated once on its own val splits)
 have no curve; `final_table` lists their figures.
@@ -32,6 +33,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ppcr.model.shipped import CURVES
 from ppcr.report.tables import Column, Table
 from ppcr.training.stage import EVALUATION_STAGES, StageDir, stage_dirs, stage_kind
 from ppcr.viz import blank_panel, new_figure
@@ -187,7 +189,7 @@ def _is_number(value: Any) -> bool:
 @dataclass(frozen=True)
 class Record:
     """One value of one curve. split: "held-out" (an evaluation) or "train" (a loss); origin: "run" or
-    "shipped foundation" (read from the shipped foundation's manifest)."""
+    "shipped foundation" (read from the shipped foundation's `curves.json`)."""
 
     stage: str
     variant: str | None
@@ -243,25 +245,23 @@ def default_manifest() -> Path:
 
 
 def shipped_records(manifest: str | Path | None = None) -> tuple[list[Record], list[str]]:
-    """Stage 0-1 held-out curves of the shipped foundation (its manifest's `stages.<name>.eval_history`), and
-    notes; nothing when there is no manifest."""
+    """Stage 0, 1a and 1 held-out curves of the shipped foundation (`curves.json` beside its manifest), and notes;
+    nothing when there is no manifest."""
     path = Path(manifest) if manifest is not None else default_manifest()
     if not path.is_file():
         return [], []
+    curves_path = path.with_name(CURVES)
     try:
-        stages = json.loads(path.read_text()).get("stages", {})
+        curves = json.loads(curves_path.read_text())
     except (OSError, ValueError) as err:
-        return [], [f"the shipped foundation's manifest {path} is unreadable ({err}): its curves are not shown"]
+        return [], [f"the shipped foundation's curves {curves_path} are unreadable ({err}): they are not shown"]
     records, notes = [], []
-    for name in FOUNDATION_STAGES:
-        stage = stages.get(name) or {}
-        history = stage.get("eval_history_all") or stage.get("eval_history") or []  # all segments of a continued one
+    for name in (*FOUNDATION_STAGES, "vision_pretrain"):
+        history = curves.get(name) or []
         if history:
             records += history_records(name, None, 0, history, origin=SHIPPED)
-        else:
-            notes.append(f"{name}: the shipped foundation's manifest has no evaluation history")
-        vision = (stage.get("vision_pretrain") or {}).get("eval_history") or []  # stage 1a, recorded by stage 1
-        records += history_records("vision_pretrain", None, 0, vision, origin=SHIPPED)
+        elif name in FOUNDATION_STAGES:
+            notes.append(f"{name}: the shipped foundation has no evaluation history")
     return records, notes
 
 
@@ -290,7 +290,7 @@ def load_curves(run_dir: str | Path, seeds: Sequence[int] | None = None, loss_te
 
     Stages without held-out history (old runs, or diagnostics turned off) are left out of the held-out records
     with a note (their losses are kept). When the run has no stage 0-1 folders (it starts from the shipped
-    foundation), the curves of the shipped foundation's manifest (`manifest`, default the package's) are added,
+    foundation), the shipped foundation's curves (`curves.json` beside `manifest`, default the package's) are added,
     labelled "shipped foundation". Raises FileNotFoundError when the run has no stage folders.
     """
     found, notes = find_stage_dirs(run_dir, seeds, latest_only)
@@ -313,7 +313,7 @@ def load_curves(run_dir: str | Path, seeds: Sequence[int] | None = None, loss_te
         notes += shipped_notes
         if shipped:
             notes.append("stages 0-1: this run starts from the shipped foundation; its curves are those recorded "
-                         "in the shipped manifest (trained once with the `foundation` profile)")
+                         "in the shipped curves.json (trained once with `python -m ppcr.foundation train`)")
     return LearningCurves(Path(run_dir), records, stages, notes, evaluations)
 
 
@@ -493,8 +493,8 @@ def final_table(curves: LearningCurves, digits: int = 2) -> Table:
         columns=columns, rows=rows, digits=digits,
         caption=(f"The last held-out evaluation of each stage folder of {curves.run_dir} (percent; step = the "
                  "optimisation step it was taken at). Held-out data: a fixed subset of the val splits, not the "
-                 "evaluation splits of the tables. Rows from the \"shipped foundation\" come from the shipped "
-                 "manifest (its own val data), except those \"on this run's val\": the weights the run starts from, "
+                 "evaluation splits of the tables. Rows from the \"shipped foundation\" come from its "
+                 "curves.json (its own val data), except those \"on this run's val\": the weights the run starts from, "
                  "evaluated once on this run's val splits."),
         notes=list(curves.notes),
     )

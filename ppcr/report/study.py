@@ -69,6 +69,18 @@ class Study:
                 keys += [k for k in res.get("metrics", {}) if k not in keys]
         return keys
 
+    @property
+    def synref_version(self) -> str | None:
+        """The SynRef generator version of the study's data ("synref-2.0"; None: not SynRef, or no record)."""
+        if not self.is_synthetic:
+            return None
+        versions = set()
+        for name in self.datasets:
+            config = self.data_root() / name / "generator_config.json"
+            if config.is_file():
+                versions.add(json.loads(config.read_text(encoding="utf-8")).get("generator_version"))
+        return "/".join(sorted(str(v) for v in versions)) or None
+
     def data_root(self, override: str | Path | None = None) -> Path:
         """Where the REFER-layout data lie: the override, the profile's data_root, else <run_dir>/data."""
         root = override or self.index.get("profile_config", {}).get("data_root")

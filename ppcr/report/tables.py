@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from ppcr.model.config import TrainingRecipe
-from ppcr.model.shipped import REGENERATE, FoundationMismatch, load_manifest, regenerate_hint
+from ppcr.model.shipped import REGENERATE
 from ppcr.report.study import Study
 
 
@@ -272,8 +272,9 @@ def scale_text(study: Study) -> str:
                 f"{cfg.get('data_root')}")
     refs = sorted({d.get("refs", 0) for d in cfg.get("datasets", [])})
     cap = cfg.get("eval_max_expressions")
+    version = f", generator {study.synref_version}" if study.synref_version else ""
     return (f"profile {study.profile}: the {study.preset} preset trained and evaluated on SynRef (the project's "
-            f"synthetic benchmark, {'/'.join(map(str, refs))} refs per suite"
+            f"synthetic benchmark{version}, {'/'.join(map(str, refs))} refs per suite"
             f"{f', at most {cap} evaluated expressions per split' if cap else ''})")
 
 
@@ -322,14 +323,9 @@ def foundation_text(study: Study) -> str:
     if not study.is_synthetic:
         return "Starting weights: the profile's local LLaVA and SAM paths. "
     if cfg.get("foundation") == "shipped":
-
-        try:
-            hint = regenerate_hint(load_manifest())
-        except FoundationMismatch:  # no manifest: the caption still reads; `verify` names the problem
-            hint = REGENERATE
         return ("Starting weights (stand-ins for pretrained SAM and LLaVA): the shipped foundation, stages 0-1 of the "
-                "small preset trained on separate SynRef scenes (ppcr/resources/foundation/manifest.json; "
-                f"regenerate: {hint}). ")
+                "small preset trained from scratch on separate SynRef scenes (ppcr/resources/foundation/manifest.json; "
+                f"regenerate: `{REGENERATE}`). ")
     return "Starting weights: stages 0-1 trained inside this run (its own SynRef training split). "
 
 

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from ppcr.provenance import resolve_device
+from ppcr.provenance import device_name, resolve_device
 from ppcr.training import distributed
 
 # A hook for the resume tests: stop the process hard right after this optimisation step (as a kill would), in any
@@ -85,8 +85,12 @@ class TrainResult:
     first_losses: dict[str, float]
     samples_per_s: float
     peak_memory_mb: float
-    wall_s: float
+    wall_s: float  # this process's seconds (the last segment of a resumed stage)
     resumed_from: int = 0
+    # training seconds over every segment of the stage (the checkpoints carry them); None when the stage resumed from
+    # a checkpoint that did not record its time
+    total_wall_s: float | None = None
+    device: str = ""  # what trained this segment (`ppcr.provenance.device_name`)
     history: list[dict[str, float]] = field(default_factory=list)
     eval_history: list[dict[str, float]] = field(default_factory=list)  # {"step": s, "<metric>": v, ...}
 
@@ -199,14 +203,16 @@ class Checkpointer:
     def __init__(self, out_dir: Path, names: list[str]):
         self.dir = out_dir / "checkpoint"
         self.names = list(names)
+        self.wall_s: float | None = 0.0  # training seconds before the loaded checkpoint (None: not recorded)
 
-    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> None:
+    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+             wall_s: float | None = None) -> None:
         tmp = self.dir.with_name(f"checkpoint.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(trainable_state(module, self.names), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tensors": len(self.names)}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tensors": len(self.names), "wall_s": wall_s}))
         old = self.dir.with_name("checkpoint.old")
         shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
@@ -230,7 +236,8 @@ class Checkpointer:
         try:
             weights = load_file(str(src / "trainable.safetensors"))
             state = torch.load(src / "optim.pt", map_location="cpu", weights_only=True)
-            step = int(json.loads((src / "trainer_state.json").read_text())["step"])
+            trainer_state = json.loads((src / "trainer_state.json").read_text())
+            step = int(trainer_state["step"])
         except Exception as err:  # noqa: BLE001 - any unreadable part makes the whole checkpoint unusable
             raise CheckpointError(f"checkpoint {src} cannot be read ({type(err).__name__}: {err}); {remedy}") from err
         missing = [n for n in self.names if n not in weights]
@@ -253,6 +260,8 @@ class Checkpointer:
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"checkpoint {src}: its optimizer state does not fit this stage ({err}); "
                                   f"{remedy}") from err
+        wall = trainer_state.get("wall_s")
+        self.wall_s = None if wall is None else float(wall)
         return step
 
 
@@ -375,7 +384,9 @@ def train_loop(
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             if main:
                 _write_log(log_path, history)
-                checkpointer.save(accelerator.unwrap_model(model), optimizer, scheduler, step)
+                before = checkpointer.wall_s
+                total = None if before is None else before + time.perf_counter() - t0
+                checkpointer.save(accelerator.unwrap_model(model), optimizer, scheduler, step, total)
             accelerator.wait_for_everyone()
         if crash_at and step == crash_at:
             if main:
@@ -391,6 +402,8 @@ def train_loop(
         first_losses={k: v for k, v in history[0].items() if k not in ("step",)} if history else {},
         final_losses={k: v for k, v in history[-1].items() if k not in ("step",)} if history else {},
         samples_per_s=samples / max(wall, 1e-9), peak_memory_mb=peak_memory_mb(device), wall_s=wall,
+        total_wall_s=None if checkpointer.wall_s is None else checkpointer.wall_s + wall,
+        device=device_name(device),
     )
     summary = {k: v for k, v in asdict(result).items() if k not in ("history", "eval_history", "out_dir")}
     summary["final_eval"] = result.final_eval

@@ -27,14 +27,13 @@ from ppcr.model.heads import MLPBoxHead, order_box
 from ppcr.model.losses import image_grounding_ce
 from ppcr.model.mllm import build_llava, image_token_states, llava_image_features, multimodal_embeddings
 from ppcr.model.modeling_ppcr import image_prep_for
-from ppcr.model.shipped import shipped_weights
 from ppcr.model.tokenizer import BOX_BINS, encode_pass, synref_tokenizer
 from ppcr.recipe.profile import Profile
 from ppcr.training import distributed
 from ppcr.training.data import data_root, data_version, split_datasets
 from ppcr.training.diagnostics import batches, val_subset
 from ppcr.training.loop import TrainResult, train_loop
-from ppcr.training.stage import done_info, loop_config, run_cached, shipped_stamp
+from ppcr.training.stage import done_info, loop_config, run_cached
 from ppcr.training.vision_pretrain import VISION_PRETRAIN_VERSION, run_vision_pretrain, vision_stage
 
 MLLM_PRETRAIN_VERSION = 2  # bump when stage 1's objective changes, so cached stage-1 weights are not reused
@@ -375,18 +374,6 @@ def normalised_boxes(batch: dict[str, Any], rows: list[bool]) -> torch.Tensor:
 
 
 
-def load_shipped_llava(module: MllmPretrainer, config: PPCRConfig) -> None:
-    """Load the shipped foundation's LLaVA (verified against its manifest; transformers maps the saved layout's
-    names) into `module.llava`."""
-    shipped = build_llava(config.replace(llava_path=shipped_weights(config)["llava_path"]), module.tokenizer)
-    module.llava.load_state_dict(shipped.state_dict(), strict=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the stage
-# --------------------------------------------------------------------------------------------------------------
-
-
 def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = False, progress: bool = True) -> Path:
     """Stage 1 (cached): a folder in the llava-hf layout (config.json, safetensors, tokenizer) for the later stages.
 
@@ -395,15 +382,12 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
     config = profile.model_config("glamm", seed)
     spec = profile.stage("mllm_pretrain")
     vision = vision_stage(profile)
-    if vision is not None and spec.init == "shipped":
-        raise ValueError(f"profile {profile.name}: mllm_pretrain continues the shipped LLaVA (init: shipped), so it "
-                         "cannot also start from a new vision_pretrain tower")
     extra = [] if vision is None else ["vision_pretrain", VISION_PRETRAIN_VERSION, vision]
     if config.image_after_prompt:  # (only when set: the caches of LLaVA-ordered stages stay valid)
         extra += ["image_after_prompt"]
     fp = profile.fingerprint("mllm_pretrain", MLLM_PRETRAIN_VERSION, asdict(config.vision), asdict(config.text),
                              config.system_prompt, spec, profile.datasets, profile.data_seed, profile.image_size,
-                             data_version(profile), seed, shipped_stamp(profile, "mllm_pretrain"), *extra)
+                             data_version(profile), seed, None, *extra)  # (None: where a continued foundation's hash stood)
 
     def train(stage: Path, llava_dir: Path) -> tuple[TrainResult, dict[str, Any]]:
         root = data_root(profile, out)
@@ -412,8 +396,6 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
         tokenizer = synref_tokenizer()
         module = MllmPretrainer(config, tokenizer, spec.probe_weight, spec.probe_positions, spec.probe_giou,
                                 spec.image_grounding, spec.probe_describe)
-        if spec.init == "shipped":  # continue the shipped foundation's LLaVA (the probe starts fresh)
-            load_shipped_llava(module, config)
         if tower is not None:
             module.llava.model.vision_tower.load_state_dict(load_file(str(tower)), strict=True)
         if spec.freeze_vision:
@@ -445,5 +427,5 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
 def _vision_summary(stage: Path) -> dict[str, Any]:
     """What stage 1a's DONE.json says (steps, wall time, losses, its held-out curve), for stage 1's record."""
     done = done_info(stage) or {}
-    keys = ("steps", "wall_s", "samples_per_s", "final_losses", "eval_history", "final_eval")
+    keys = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "git_commit", "samples_per_s", "final_losses", "eval_history", "final_eval")
     return {"stage_dir": stage.name, **{k: done.get(k) for k in keys}}

@@ -18,12 +18,11 @@ from ppcr.model.config import PPCRConfig
 from ppcr.model.losses import mask_bce, mask_dice
 from ppcr.model.modeling_ppcr import image_prep_for
 from ppcr.model.segmentation import SamSegmenter, build_sam
-from ppcr.model.shipped import shipped_weights
 from ppcr.recipe.profile import Profile
 from ppcr.training.data import data_root, data_version, diagnostics_data
 from ppcr.training.diagnostics import sam_prompt_metrics
 from ppcr.training.loop import TrainResult, train_loop
-from ppcr.training.stage import loop_config, run_cached, save_safetensors, shipped_stamp
+from ppcr.training.stage import loop_config, run_cached, save_safetensors
 
 SAM_PRETRAIN_VERSION = 3  # bump when stage 0's objective changes, so cached stage-0 weights are not reused
 
@@ -113,16 +112,13 @@ def run_sam_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fals
     config = profile.model_config("glamm", seed)
     fp = profile.fingerprint("sam_pretrain", SAM_PRETRAIN_VERSION, asdict(config.sam), profile.stage("sam_pretrain"),
                              profile.datasets, profile.data_seed, profile.image_size, data_version(profile), seed,
-                             shipped_stamp(profile, "sam_pretrain"))
+                             None)  # (the hash of a continued foundation once stood here: kept, so caches hold)
 
     def train(stage: Path, weights: Path) -> tuple[TrainResult, dict[str, Any]]:
         root = data_root(profile, out)
         torch.manual_seed(seed)
         spec = profile.stage("sam_pretrain")
         module = SamPretrainer(config, spec.objects_per_image, spec.box_prob, spec.freeze_sam_encoder)
-        if spec.init == "shipped":  # continue the shipped foundation's SAM
-            shipped = build_sam(config.sam, shipped_weights(config)["sam_checkpoint"])
-            module.segmenter.sam.load_state_dict(shipped.state_dict(), strict=True)
         prep = image_prep_for(config)
         data = ConcatDataset([ImageObjectsDataset(Refer(root, d.name, d.split_by), "train", prep)
                               for d in profile.datasets])

@@ -26,7 +26,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from ppcr.model.shipped import load_manifest
+from ppcr.provenance import git_commit
 from ppcr.recipe.profile import Profile
 from ppcr.training import distributed
 from ppcr.training.loop import LoopConfig, TrainResult
@@ -46,7 +46,9 @@ def done_info(stage: Path) -> dict[str, Any] | None:
 
 
 def mark_done(stage: Path, result: TrainResult, **extra: Any) -> dict[str, Any]:
-    info = {"steps": result.steps, "wall_s": result.wall_s, "samples_per_s": result.samples_per_s,
+    info = {"steps": result.steps, "wall_s": result.wall_s, "total_wall_s": result.total_wall_s, "device": result.device,
+            "git_commit": git_commit(),  # the code of the stage's last segment
+            "samples_per_s": result.samples_per_s,
             "peak_memory_mb": result.peak_memory_mb, "first_losses": result.first_losses,
             "final_losses": result.final_losses, "resumed_from": result.resumed_from,
             "final_eval": result.final_eval, "eval_history": result.eval_history, **extra}
@@ -93,13 +95,6 @@ def loop_config(profile: Profile, stage_name: str, seed: int, n_samples: int) ->
         num_workers=profile.num_workers, deepspeed_config=profile.deepspeed_path(),
         lr_by_prefix={} if spec.sam_lr is None else {"segmenter.sam.": spec.sam_lr},
     )
-
-
-def shipped_stamp(profile: Profile, stage_name: str) -> str | None:
-    """The sha256 of the shipped weights a stage continues (`init: shipped`; part of its fingerprint), else None."""
-    if profile.stage(stage_name).init != "shipped":
-        return None
-    return load_manifest()["files"]["sam.safetensors" if stage_name == "sam_pretrain" else "llava/model.safetensors"]
 
 
 def save_safetensors(module: nn.Module, path: Path) -> None:
