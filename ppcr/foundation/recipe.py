@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train only this stage (cached in --out; a later `train` without --stage finds it): "
                              "stages 0 and 1 are independent, so on a CPU they can run at once, a thread each")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"),
-                        help="where to train (default: the profile's, cpu); the stages' caches are shared across devices")
+                        help="where to train (default: the profile's, cpu); stages are cached across devices")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     dest = Path(args.dest) if args.dest else None

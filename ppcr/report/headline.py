@@ -97,8 +97,8 @@ def headline_caption(study: Study, rows: list[dict[str, Any]]) -> str:
     if study.is_synthetic:
         version = f", generator {study.synref_version}" if study.synref_version else ""
         text += (f"The reproduced rows are SynRef results (the project's synthetic benchmark{version}; synref, "
-                 "synref+ and synrefg stand in for RefCOCO, RefCOCO+ and RefCOCOg) of a small model: SynRef numbers are "
-                 "not RefCOCO numbers, compare the order of the variants, not the values. ")
+                 "synref+ and synrefg stand in for RefCOCO, RefCOCO+ and RefCOCOg) of a small model: SynRef numbers "
+                 "are not RefCOCO numbers, compare the order of the variants, not the values. ")
     else:
         text += "Both sides are RefCOCO-family numbers. "
     text += f"Made by `python -m ppcr.report.headline {display_path(study.run_dir)}`."

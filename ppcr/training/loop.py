@@ -212,7 +212,8 @@ class Checkpointer:
         tmp.mkdir(parents=True)
         save_file(trainable_state(module, self.names), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tensors": len(self.names), "wall_s": wall_s}))
+        state = {"step": step, "tensors": len(self.names), "wall_s": wall_s}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
         old = self.dir.with_name("checkpoint.old")
         shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():

@@ -387,7 +387,7 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
         extra += ["image_after_prompt"]
     fp = profile.fingerprint("mllm_pretrain", MLLM_PRETRAIN_VERSION, asdict(config.vision), asdict(config.text),
                              config.system_prompt, spec, profile.datasets, profile.data_seed, profile.image_size,
-                             data_version(profile), seed, None, *extra)  # (None: where a continued foundation's hash stood)
+                             data_version(profile), seed, None, *extra)  # None: where a continued foundation stood
 
     def train(stage: Path, llava_dir: Path) -> tuple[TrainResult, dict[str, Any]]:
         root = data_root(profile, out)
@@ -427,5 +427,6 @@ def run_mllm_pretrain(profile: Profile, out: Path, seed: int, resume: bool = Fal
 def _vision_summary(stage: Path) -> dict[str, Any]:
     """What stage 1a's DONE.json says (steps, wall time, losses, its held-out curve), for stage 1's record."""
     done = done_info(stage) or {}
-    keys = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "git_commit", "samples_per_s", "final_losses", "eval_history", "final_eval")
+    keys = ("steps", "resumed_from", "wall_s", "total_wall_s", "device", "git_commit", "samples_per_s", "final_losses",
+            "eval_history", "final_eval")
     return {"stage_dir": stage.name, **{k: done.get(k) for k in keys}}

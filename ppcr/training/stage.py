@@ -46,7 +46,8 @@ def done_info(stage: Path) -> dict[str, Any] | None:
 
 
 def mark_done(stage: Path, result: TrainResult, **extra: Any) -> dict[str, Any]:
-    info = {"steps": result.steps, "wall_s": result.wall_s, "total_wall_s": result.total_wall_s, "device": result.device,
+    info = {"steps": result.steps, "wall_s": result.wall_s, "total_wall_s": result.total_wall_s,
+            "device": result.device,
             "git_commit": git_commit(),  # the code of the stage's last segment
             "samples_per_s": result.samples_per_s,
             "peak_memory_mb": result.peak_memory_mb, "first_losses": result.first_losses,
