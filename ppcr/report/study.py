@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,10 @@ class Study:
                 keys += [k for k in res.get("metrics", {}) if k not in keys]
         return keys
 
-    @property
+    @cached_property
     def synref_version(self) -> str | None:
-        """The SynRef generator version of the study's data ("synref-2.0"; None: not SynRef, or no record)."""
+        """The SynRef generator version of the study's data ("synref-2.0"; None: not SynRef, or no record); read
+        once, as every reproduced caption names it."""
         if not self.is_synthetic:
             return None
         versions = set()
