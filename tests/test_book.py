@@ -196,6 +196,31 @@ def test_foundation_llava_answer_is_shown_beside_the_readers(smoke_study_run: Pa
     assert "llava_box_acc" not in [c.key for c in report.status_table(without).columns]
 
 
+def test_front_page_says_when_sam_no_longer_follows_the_box(study: report.Study) -> None:
+    """`box_use_note`: a GT-box oracle more than `BOX_USE_DROP` points below the foundation's SAM given the same
+    boxes is stated on the front page (SAM learned to lean on the semantic prompt), with the paper's oracle gain;
+    within the margin, or without the foundation's evaluation, nothing is said."""
+    key = "synref/val"
+    assert "gt_box_oracle" in study.results
+    oracle = report.cell(study, "gt_box_oracle", key, "mIoU").mean
+
+    def with_foundation_sam(miou: float) -> report.Study:
+        other = dataclasses.replace(study)
+        other.foundation_eval = lambda: {0: {"final_eval": {"synref/miou_box": miou}}}  # type: ignore[method-assign]
+        return other
+
+    before = oracle + report.BOX_USE_DROP + 1
+    far = with_foundation_sam(before)
+    assert report.foundation_sam_box_miou(far, key) == before
+    note = report.box_use_note(far, [key])
+    assert note is not None and f"{key} {oracle:.1f} against {before:.1f}" in note
+    assert f"{report.paper_delta('ppcr', 'gt_box_oracle', key):.1f} points above its PPCR" in note
+    assert note in report.not_reproduced(far)
+    assert report.box_use_note(with_foundation_sam(oracle + report.BOX_USE_DROP - 1), [key]) is None
+    without = dataclasses.replace(study, index={k: v for k, v in study.index.items() if k != "foundation_eval"})
+    assert report.box_use_note(without, [key]) is None
+
+
 def test_claim_verdicts() -> None:
     assert report.claim_verdict("greater", 0.5, 2.0) == "supported"
     assert report.claim_verdict("greater", -2.0, -0.1) == "contradicted"
@@ -204,8 +229,8 @@ def test_claim_verdicts() -> None:
     assert report.claim_verdict("not_greater", 0.2, 1.0) == "contradicted"
     with pytest.raises(ValueError):
         report.claim_verdict("less", 0, 1)
-    assert report._paper_delta("glamm", "ppcr", "synref/val") == round(81.1 - 80.76, 2)
-    assert report._paper_delta("ppcr", "gt_box_oracle", "synref+/val") == round(87.58 - 74.34, 2)
+    assert report.paper_delta("glamm", "ppcr", "synref/val") == round(81.1 - 80.76, 2)
+    assert report.paper_delta("ppcr", "gt_box_oracle", "synref+/val") == round(87.58 - 74.34, 2)
 
 
 def test_breakdowns(study: report.Study) -> None:

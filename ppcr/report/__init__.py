@@ -42,7 +42,7 @@ from ppcr.report.tables import (PAPER_DATASET_LABELS, PAPER_DATASETS, PAPER_SPLI
                                 paper_tables, pixels_in_box, reproduced_caption, rle_area, sanity_caption, sanity_rows,
                                 scale_text, study_key, table1, table2, table3, to_html, to_markdown)
 from ppcr.report.costs import attention_head_flops, box_head_costs, mlp_head_flops, stage_costs, time_modules
-from ppcr.report.stats import (BOOTSTRAP_PAIRS, BOX_VARIANTS, CLAIMS, GROUNDED_BOX_ACC, _paper_delta, bootstrap_gains,
+from ppcr.report.stats import (BOOTSTRAP_PAIRS, BOX_VARIANTS, CLAIMS, GROUNDED_BOX_ACC, bootstrap_gains, paper_delta,
                                box_conditional_gains, claim_verdict, claims_table, FOUNDATION_READER, paired_rows,
                                PROBE_READERS, prompt_probe_table, seed_summary)
 from ppcr.report.breakdowns import (AMBIGUITY_FROM, OCCLUSION_BELOW, breakdown, breakdown_table, failure_cases,
@@ -52,12 +52,13 @@ from ppcr.report.mechanism import (completeness_rows, completeness_table, mechan
 from ppcr.report.benchmark import benchmark_rows, benchmark_table, box_token_values, published_table
 from ppcr.report.examples import entity_example, failure_figure_rows, qualitative_examples
 from ppcr.report.provenance_line import provenance
-from ppcr.report.status import not_reproduced, status_markdown, status_table, study_date
+from ppcr.report.status import (BOX_USE_DROP, box_use_note, foundation_sam_box_miou, not_reproduced, status_markdown, status_table,
+                               study_date)
 from ppcr.report.notebook import (SHOWN_VARIANTS, explorer_start, make_explorer, metric_rows, static_examples,
                                   static_view, summary_line)
 
-# the public names; the private ones imported above (_CACHE: the one cache dict of load_study; _paper_delta:
-# used by the tests) are there for code that reached them as report._<name>
+# the public names; the private one imported above (_CACHE: the one cache dict of load_study) is there for code that
+# reached it as report._CACHE
 __all__ = [
     "SMALL_PROFILES", "METRICS", "Study", "load_study", "MeanStd", "Column", "Table", "format_cell", "TABLE_STYLE",
     "to_html", "to_markdown", "PAPER_DATASETS", "PAPER_DATASET_LABELS", "PAPER_SPLITS", "SPLIT_LABELS", "SYNREF_OF",
@@ -69,11 +70,12 @@ __all__ = [
     "box_head_costs", "stage_costs", "seed_summary", "BOOTSTRAP_PAIRS", "CLAIMS", "paired_rows", "bootstrap_gains",
     "BOX_VARIANTS", "box_conditional_gains", "prompt_probe_table", "PROBE_READERS", "FOUNDATION_READER",
     "GROUNDED_BOX_ACC",
-    "claim_verdict", "claims_table", "breakdown", "breakdown_table", "OCCLUSION_BELOW",
+    "claim_verdict", "claims_table", "paper_delta", "breakdown", "breakdown_table", "OCCLUSION_BELOW",
     "AMBIGUITY_FROM", "failure_reason", "failure_cases", "failure_table", "failure_figure_rows", "qualitative_examples",
     "entity_example", "provenance", "metric_rows", "summary_line", "SHOWN_VARIANTS", "make_explorer", "explorer_start",
     "static_examples", "static_view", "mechanism_breakdown", "mechanism_table", "completeness_rows",
     "completeness_table", "target_tokens", "benchmark_rows", "benchmark_table", "published_table",
     "box_token_values",
-    "status_table", "status_markdown", "not_reproduced", "study_date",
+    "status_table", "status_markdown", "not_reproduced", "study_date", "box_use_note", "foundation_sam_box_miou",
+    "BOX_USE_DROP",
 ]

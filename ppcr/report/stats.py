@@ -241,7 +241,7 @@ def claims_table(study: Study, metric: str = "mIoU", n_boot: int = 2000, seed: i
     for claim, baseline, candidate, direction in CLAIMS:
         for key, a, b in _paired_splits(study, baseline, candidate):
             res = _bootstrap_rows(a, b, metric, n_boot, seed)
-            paper = _paper_delta(baseline, candidate, key)
+            paper = paper_delta(baseline, candidate, key)
             (cand_text, cand_acc), (base_text, base_acc) = (_box_acc_text(study, v, key) for v in (candidate, baseline))
             verdict = claim_verdict(direction, res["ci_low"], res["ci_high"])
             predicted = [acc for acc in (cand_acc, base_acc) if acc is not None]
@@ -269,7 +269,7 @@ def claims_table(study: Study, metric: str = "mIoU", n_boot: int = 2000, seed: i
     )
 
 
-def _paper_delta(baseline: str, candidate: str, key: str) -> float | None:
+def paper_delta(baseline: str, candidate: str, key: str) -> float | None:
     """The paper's candidate - baseline (mIoU, Tables 2-3) on the real dataset and split a SynRef "suite/split"
     stands in for (synref -> refcoco, synref+ -> refcoco+, synrefg val/test -> refcocog val(U)/test(U))."""
     suite, _, split = key.partition("/")
