@@ -47,7 +47,7 @@ def test_table1_has_paper_and_reproduced_rows(study: report.Study) -> None:
     assert len(paper) == 13 + 1  # 13 methods + the "Absolute" row
     assert any(r["method"] == "CRIS\u2020" for r in paper)  # excerpted rows marked
     repro = [r for r in t.rows if r["source"].startswith("reproduced")]
-    # the profile's own recipe, labelled as such because the smoke profile has another one (`recipes: demo`)
+    # the profile's own recipe, labelled as such because the smoke profile has another one (`recipes: additions`)
     assert [r["method"] for r in repro][:2] == ["GLaMM-style, smoke's recipe", "PPCR, smoke's recipe"]
     assert sources.index(repro[0]["source"]) > sources.index("paper")
     key = report.column_key("refcocog", "mIoU", "test(U)")
@@ -109,7 +109,7 @@ def test_seed_summary_and_bootstrap(study: report.Study) -> None:
     gains = report.bootstrap_gains(study, n_boot=200)
     comparisons = {r["comparison"] for r in gains.rows}
     assert comparisons == {"ppcr \u2212 glamm", "ppcr \u2212 spatial_re", "spatial_re_seg \u2212 spatial_re",
-                           "attn_box \u2212 ppcr", "gt_box_oracle \u2212 ppcr", "ppcr@demo \u2212 glamm@demo"}
+                           "attn_box \u2212 ppcr", "gt_box_oracle \u2212 ppcr", "ppcr@additions \u2212 glamm@additions"}
     for r in gains.rows:
         assert r["ci_low"] <= r["delta"] + 1e-9 or math.isclose(r["ci_low"], r["delta"])
         assert r["ci_low"] <= r["ci_high"] and r["n"] > 0
@@ -202,6 +202,7 @@ def test_front_page_says_when_sam_no_longer_follows_the_box(study: report.Study)
     within the margin, or without the foundation's evaluation, nothing is said."""
     key = "synref/val"
     assert "gt_box_oracle" in study.results
+    assert report.foundation_sam_box_miou(study, key) is not None  # the key the run's foundation_eval writes
     oracle = report.cell(study, "gt_box_oracle", key, "mIoU").mean
 
     def with_foundation_sam(miou: float) -> report.Study:
@@ -214,9 +215,12 @@ def test_front_page_says_when_sam_no_longer_follows_the_box(study: report.Study)
     assert report.foundation_sam_box_miou(far, key) == before
     note = report.box_use_note(far, [key])
     assert note is not None and f"{key} {oracle:.1f} against {before:.1f}" in note
-    assert f"{report.paper_delta('ppcr', 'gt_box_oracle', key):.1f} points above its PPCR" in note
+    assert f"the paper's oracle is {report.paper_delta('ppcr', 'gt_box_oracle', key):.1f} points above" in note
+    acc = report.cell(study, "ppcr", key, "box_acc@0.5").mean
+    assert f"ppcr's own box right for {acc:.1f} %" in note and "Trained on ppcr's own predicted boxes" in note
     assert note in report.not_reproduced(far)
     assert report.box_use_note(with_foundation_sam(oracle + report.BOX_USE_DROP - 1), [key]) is None
+    assert report.box_use_note(far, ["synref/testA"]) is None  # the foundation's SAM is measured on val splits
     without = dataclasses.replace(study, index={k: v for k, v in study.index.items() if k != "foundation_eval"})
     assert report.box_use_note(without, [key]) is None
 

@@ -1,6 +1,7 @@
 """Another recipe in the same study (`recipes:` in a profile): `<variant>@<recipe>` trains its own stage 2 and
 variant with that recipe's model and training blocks, from the same foundation and data, and the book shows its rows
-beside the profile's own, labelled. The smoke profile carries the demo's additions as its `demo` recipe."""
+beside the profile's own, labelled. The smoke profile carries the SynRef 1.1 demo's additions as its `additions`
+recipe."""
 
 from __future__ import annotations
 
@@ -17,30 +18,30 @@ from ppcr.training.stage import stage_dirs
 
 def test_recipe_variants_train_with_their_own_blocks(smoke_study_run):
     stages = {s.stage: s for s in stage_dirs(smoke_study_run) if s.seed == 0}
-    assert {"glamm_init", "glamm_init@demo", "ppcr", "ppcr@demo", "glamm@demo"} <= set(stages)
+    assert {"glamm_init", "glamm_init@additions", "ppcr", "ppcr@additions", "glamm@additions"} <= set(stages)
     own, other = (json.loads((stages[name].path / "model" / "recipe.json").read_text())
-                  for name in ("ppcr", "ppcr@demo"))
+                  for name in ("ppcr", "ppcr@additions"))
     assert own["train_semantic_box"] == 0.0 and other["train_semantic_box"] == 2.0
     assert other["train_box_prompt"] == "mixed" and own["train_box_prompt"] == "pred"
-    configs = [json.loads((stages[n].path / "model" / "config.json").read_text()) for n in ("ppcr", "ppcr@demo")]
+    configs = [json.loads((stages[n].path / "model" / "config.json").read_text()) for n in ("ppcr", "ppcr@additions")]
     assert (configs[0]["soft_prompt_tokens"], configs[1]["soft_prompt_tokens"]) == (1, 4)
     assert configs[1]["variant"] == "ppcr"  # the model is the paper's ppcr; only the recipe differs
 
 
 def test_the_book_labels_each_recipes_rows(study):
-    assert {"glamm@demo", "ppcr@demo"} <= set(study.results) and study.recipes == {
-        "demo": "the demo's additions (not in the paper)"}
+    assert {"glamm@additions", "ppcr@additions"} <= set(study.results) and study.recipes == {
+        "additions": "the SynRef 1.1 demo's additions (not in the paper)"}
     methods = [r["method"] for r in report.table1(study).rows]
-    assert "PPCR, smoke's recipe" in methods and "PPCR, the demo's additions (not in the paper)" in methods
-    assert "Absolute (PPCR \u2212 GLaMM-style), the demo's additions (not in the paper)" in methods
+    assert "PPCR, smoke's recipe" in methods and "PPCR, the SynRef 1.1 demo's additions (not in the paper)" in methods
+    assert "Absolute (PPCR \u2212 GLaMM-style), the SynRef 1.1 demo's additions (not in the paper)" in methods
     comparisons = {r["comparison"] for r in report.bootstrap_gains(study, n_boot=50).rows}
-    assert "ppcr@demo \u2212 glamm@demo" in comparisons
+    assert "ppcr@additions \u2212 glamm@additions" in comparisons
 
 
 def test_unknown_recipe_variants_are_refused():
     profile = load_profile("smoke")
-    with pytest.raises(ValueError, match="has no recipe variant 'attn_box@demo'"):
-        profile.for_variant("attn_box@demo")
+    with pytest.raises(ValueError, match="has no recipe variant 'attn_box@additions'"):
+        profile.for_variant("attn_box@additions")
     with pytest.raises(ValueError, match="unknown or untrained variants"):
         load_profile("smoke", {"recipes": {"x": {"variants": ["gt_box_oracle"]}}})
 
@@ -48,8 +49,9 @@ def test_unknown_recipe_variants_are_refused():
 def test_every_caption_says_which_settings_are_not_the_papers(study):
     caption = report.table3(study).caption
     assert "Recipe of the smoke profile's own rows: the paper's. " in caption  # smoke trains the paper's recipe
-    assert ("Recipe of the rows `<variant>@demo` (the demo's additions (not in the paper)): the paper's, with settings "
-            "the paper does not have: detach_box_for_sam=True, train_box_prompt=mixed") in caption
+    assert ("Recipe of the rows `<variant>@additions` (the SynRef 1.1 demo's additions (not in the paper)): the "
+            "paper's, with settings the paper does not have: detach_box_for_sam=True, "
+            "train_box_prompt=mixed") in caption
     assert "soft_prompt_tokens=4" in caption
 
 

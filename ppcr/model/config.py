@@ -175,9 +175,10 @@ class PPCRConfig:
     attn_box_queries: int = 4  # learned queries beside P_seg_box in the attention head
     # not in the paper (a small-scale choice; 1 = the paper's single slot): how many input slots of the spatial
     # prompt carry P_seg_txt. `[P_SEG]` becomes this many `[P_SEG]` tokens and the soft-token projection maps the one
-    # vector P_seg_txt to as many input embeddings, so the small LLM has more positions to read it from. On the demo
-    # (1,200 evaluated expressions per seed) 4 slots lifted ppcr's box accuracy@0.5 by +1.8 / +10.3 points and its
-    # mIoU by -0.2 / +3.7 (seeds 0 / 1; notes/learning.md).
+    # vector P_seg_txt to as many input embeddings, so the small LLM has more positions to read it from. On the
+    # SynRef 1.1 demo (1,200 evaluated expressions per seed) 4 slots lifted ppcr's box accuracy@0.5 by +1.8 / +10.3
+    # points and its mIoU by -0.2 / +3.7 (seeds 0 / 1; notes/learning.md); on SynRef 2.0 the demo dropped it with
+    # the other additions.
     soft_prompt_tokens: int = 1
     seed: int = 0
 

@@ -42,9 +42,9 @@ from ppcr.report.tables import (PAPER_DATASET_LABELS, PAPER_DATASETS, PAPER_SPLI
                                 paper_tables, pixels_in_box, reproduced_caption, rle_area, sanity_caption, sanity_rows,
                                 scale_text, study_key, table1, table2, table3, to_html, to_markdown)
 from ppcr.report.costs import attention_head_flops, box_head_costs, mlp_head_flops, stage_costs, time_modules
-from ppcr.report.stats import (BOOTSTRAP_PAIRS, BOX_VARIANTS, CLAIMS, GROUNDED_BOX_ACC, bootstrap_gains, paper_delta,
+from ppcr.report.stats import (BOOTSTRAP_PAIRS, BOX_VARIANTS, CLAIMS, GROUNDED_BOX_ACC, bootstrap_gains,
                                box_conditional_gains, claim_verdict, claims_table, FOUNDATION_READER, paired_rows,
-                               PROBE_READERS, prompt_probe_table, seed_summary)
+                               paper_delta, PROBE_READERS, prompt_probe_table, seed_summary)
 from ppcr.report.breakdowns import (AMBIGUITY_FROM, OCCLUSION_BELOW, breakdown, breakdown_table, failure_cases,
                                     failure_reason, failure_table)
 from ppcr.report.mechanism import (completeness_rows, completeness_table, mechanism_breakdown, mechanism_table,
@@ -52,8 +52,8 @@ from ppcr.report.mechanism import (completeness_rows, completeness_table, mechan
 from ppcr.report.benchmark import benchmark_rows, benchmark_table, box_token_values, published_table
 from ppcr.report.examples import entity_example, failure_figure_rows, qualitative_examples
 from ppcr.report.provenance_line import provenance
-from ppcr.report.status import (BOX_USE_DROP, box_use_note, foundation_sam_box_miou, not_reproduced, status_markdown, status_table,
-                               study_date)
+from ppcr.report.status import (BOX_USE_DROP, box_use_note, foundation_sam_box_miou, not_reproduced, status_markdown,
+                               status_table, study_date)
 from ppcr.report.notebook import (SHOWN_VARIANTS, explorer_start, make_explorer, metric_rows, static_examples,
                                   static_view, summary_line)
 

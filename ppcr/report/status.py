@@ -106,7 +106,7 @@ def box_use_note(study: Study, keys: list[str]) -> str | None:
     if "gt_box_oracle" not in study.results or not study.foundation_eval():
         return None
     drops = []
-    for key in keys:
+    for key in (k for k in keys if k.endswith("/val")):  # the foundation's SAM is evaluated on the val splits
         oracle, before = cell(study, "gt_box_oracle", key, "mIoU"), foundation_sam_box_miou(study, key)
         acc = cell(study, "ppcr", key, "box_acc@0.5") if "ppcr" in study.results else None
         if oracle and before is not None and before - oracle.mean > BOX_USE_DROP:
@@ -115,12 +115,15 @@ def box_use_note(study: Study, keys: list[str]) -> str | None:
     if not drops:
         return None
     paper = paper_delta("ppcr", "gt_box_oracle", "synref/val")
+    trained_on = (study.index.get("profile_config", {}).get("training") or {}).get("train_box_prompt", "pred")
+    why = ("Trained on ppcr's own predicted boxes, SAM learned to lean on the semantic prompt instead"
+           if trained_on == "pred" else "SAM leans on the semantic prompt rather than the box")
+    paper_text = (f"; on RefCOCO val the paper's oracle is {paper:.1f} points above its PPCR" if paper is not None
+                  else "")
     return ("SAM's use of the box: given the ground-truth box, the trained ppcr checkpoint reaches less mIoU than the "
-            "foundation's SAM did with the same boxes before stages 2-3 (mIoU %: " + "; ".join(drops) + "). "
-            "Trained on ppcr's own predicted boxes, SAM learned to lean on the semantic prompt instead, so the GT-box "
-            "oracle is no upper bound of a box-led SAM here, and the mechanism the paper describes (the box completes "
-            "the mask) is not at work" + (f"; the paper's oracle is {paper:.1f} points above its PPCR on RefCOCO val."
-                                if paper is not None else "."))
+            "foundation's SAM did with the same boxes before stages 2-3 (mIoU %: " + "; ".join(drops) + "). " + why
+            + ", so the GT-box oracle is no upper bound of a box-led SAM here, and the mechanism the paper describes "
+            "(the box completes the mask) is not at work" + paper_text + ".")
 
 
 def status_markdown(study: Study) -> str:

@@ -485,7 +485,7 @@ def table1(study: Study) -> Table:
     rows = paper + [_difference_row(by_name["GLaMM"], by_name["PPCR"], "Absolute (PPCR \u2212 GLaMM)", "paper",
                                     {"mllm": ""})]
     lead = {"mllm": f"{study.preset} preset"}
-    # the profile's own recipe, then each of its other recipes (`recipes:`, e.g. the paper's beside the demo's)
+    # the profile's own recipe, then each of its other recipes (`recipes:`, e.g. the smoke profile's `@additions`)
     for suffix, recipe in [("", f"{study.profile}'s recipe" if study.recipes else "")] + [
             (f"@{name}", label) for name, label in study.recipes.items()]:
         repro = [_reproduced_row(study, v + suffix, (VARIANT_LABELS[v] if v != "glamm" else "GLaMM-style")
