@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
+from ppcr.model.config import TrainingRecipe
 from ppcr.report.paths import display_path
 from ppcr.report.stats import GROUNDED_BOX_ACC, claims_table, paper_delta
 from ppcr.report.study import Study
@@ -94,8 +95,13 @@ def not_reproduced(study: Study) -> list[str]:
 def foundation_sam_box_miou(study: Study, key: str) -> float | None:
     """mIoU (%) of the foundation's SAM given the ground-truth box on `key`'s dataset (its val split; the study's
     `foundation_eval`, mean over seeds), or None without that evaluation."""
-    figures = [info["final_eval"][f"{key.split('/', 1)[0]}/miou_box"] for info in study.foundation_eval().values()
-               if f"{key.split('/', 1)[0]}/miou_box" in info.get("final_eval", {})]
+    return _sam_box_miou(study.foundation_eval(), key)
+
+
+def _sam_box_miou(evals: dict[int, dict[str, Any]], key: str) -> float | None:
+    """`foundation_sam_box_miou` on foundation_eval records already read (seed -> DONE.json)."""
+    name = f"{key.split('/', 1)[0]}/miou_box"
+    figures = [info["final_eval"][name] for info in evals.values() if name in info.get("final_eval", {})]
     return sum(figures) / len(figures) if figures else None
 
 
@@ -103,21 +109,22 @@ def box_use_note(study: Study, keys: list[str]) -> str | None:
     """A statement when the GT-box oracle lies more than `BOX_USE_DROP` points below what the foundation's SAM
     reached with the same boxes: then stages 2-3 taught SAM to lean on the semantic prompt rather than the box (it
     trains on `ppcr`'s own predicted boxes), and the oracle row is no upper bound of a box-led SAM."""
-    if "gt_box_oracle" not in study.results or not study.foundation_eval():
+    evals = study.foundation_eval() if "gt_box_oracle" in study.results else {}
+    if not evals:
         return None
     drops = []
     for key in (k for k in keys if k.endswith("/val")):  # the foundation's SAM is evaluated on the val splits
-        oracle, before = cell(study, "gt_box_oracle", key, "mIoU"), foundation_sam_box_miou(study, key)
-        acc = cell(study, "ppcr", key, "box_acc@0.5") if "ppcr" in study.results else None
+        oracle, before = cell(study, "gt_box_oracle", key, "mIoU"), _sam_box_miou(evals, key)
         if oracle and before is not None and before - oracle.mean > BOX_USE_DROP:
+            acc = cell(study, "ppcr", key, "box_acc@0.5") if "ppcr" in study.results else None
             drops.append(f"{key} {oracle.mean:.1f} against {before:.1f}"
                          + (f", ppcr's own box right for {acc.mean:.1f} %" if acc else ""))
     if not drops:
         return None
     paper = paper_delta("ppcr", "gt_box_oracle", "synref/val")
-    trained_on = (study.index.get("profile_config", {}).get("training") or {}).get("train_box_prompt", "pred")
+    training = TrainingRecipe.from_dict(study.index.get("profile_config", {}).get("training") or {})
     why = ("Trained on ppcr's own predicted boxes, SAM learned to lean on the semantic prompt instead"
-           if trained_on == "pred" else "SAM leans on the semantic prompt rather than the box")
+           if training.train_box_prompt == "pred" else "SAM leans on the semantic prompt rather than the box")
     paper_text = (f"; on RefCOCO val the paper's oracle is {paper:.1f} points above its PPCR" if paper is not None
                   else "")
     return ("SAM's use of the box: given the ground-truth box, the trained ppcr checkpoint reaches less mIoU than the "
