@@ -17,10 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ppcr.data.dataset import ReferSegDataset  # noqa: E402
 from ppcr.data.refer import Refer  # noqa: E402
 from ppcr.evaluation.evaluate import evaluate_model  # noqa: E402
+from ppcr.evaluation.foundation_eval import where_answer_figures  # noqa: E402
 from ppcr.evaluation.probes import (  # noqa: E402
-    STATES, agreement, box_error_rows, box_errors_table, first, main, probe_states, probed_model,
-    run_answer_agreement, run_state_probe, soft_token_scale, stage_checkpoint, state_spread,
+    STATES, WHERE_GROUPS, agreement, box_error_rows, box_errors_table, colour_group, first, foundation_mllm,
+    group_shares, main, probe_states, probed_model, run_answer_agreement, run_state_probe, run_where_breakdown,
+    soft_token_scale, stage_checkpoint, state_spread,
 )
+from ppcr.training.mllm_pretrain import WithTargetAttributes  # noqa: E402
+from ppcr.model.modeling_ppcr import image_prep_for  # noqa: E402
 from ppcr.recipe.profile import load_profile  # noqa: E402
 from ppcr.training.data import prepare_data  # noqa: E402
 from ppcr.training.diagnostics import batches  # noqa: E402
@@ -223,6 +227,49 @@ def test_answer_agreement_on_a_run(run, tmp_path):
         run_answer_agreement(profile, tmp_path, ["ppcr"], batch_size=4)
     with pytest.raises(FileNotFoundError, match="spatial_re"):
         run_answer_agreement(profile, out, ["spatial_re"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# where-breakdown
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_colour_group_and_group_shares_by_hand():
+    assert colour_group("the big red, striped circle", {"color": "red"}) == "names the colour"
+    assert colour_group("the reddish circle left of the blue square", {"color": "red"}) == "no colour word"
+    assert colour_group("the circle", {}) is None
+    groups = [{"size": "1-2 tokens", "colour": "names the colour", "occlusion": None},
+              {"size": "1-2 tokens", "colour": "no colour word", "occlusion": None},
+              {"size": "3+ tokens", "colour": "no colour word", "occlusion": None}]
+    shares = group_shares(np.array([True, False, True]), groups)
+    assert shares["all"] == {"n": 3, "right": pytest.approx(200 / 3)}
+    assert shares["size"] == {"1-2 tokens": {"n": 2, "right": 50.0}, "3+ tokens": {"n": 1, "right": 100.0}}
+    assert shares["colour"] == {"names the colour": {"n": 1, "right": 100.0}, "no colour word": {"n": 2, "right": 50.0}}
+    assert "occlusion" not in shares  # no expression records it
+    with pytest.raises(ValueError, match="3 answers for 2 expressions"):
+        group_shares(np.ones(3, bool), groups[:2])
+
+
+def test_where_breakdown_on_a_run_and_its_cli(run, capsys):
+    profile, profile_path, out = run
+    result = run_where_breakdown(profile, out, batch_size=4)
+    assert set(result) == {"synref/val", "synref+/val", "synrefg/val"}
+    mllm = foundation_mllm(profile, base_weights(profile, out, 0, resume=True, progress=False))
+    for spec in profile.datasets:
+        shares = result[f"{spec.name}/val"]
+        ds = ReferSegDataset(Refer(out / "data", spec.name, spec.split_by), "val", image_prep_for(mllm.config))
+        n = min(profile.eval_max_expressions, len(ds))
+        # the same answers as the foundation evaluation's `where_answer` on the same expressions
+        figures = where_answer_figures(mllm, first(WithTargetAttributes(ds), n), batch_size=3)
+        assert shares["all"] == {"n": n, "right": pytest.approx(figures["box_acc50"])}
+        for by, labels in WHERE_GROUPS.items():  # each grouping partitions the expressions
+            assert set(shares[by]) <= set(labels) and sum(c["n"] for c in shares[by].values()) == n
+            right = sum(c["n"] * c["right"] for c in shares[by].values()) / n
+            assert right == pytest.approx(shares["all"]["right"])
+    capsys.readouterr()
+    assert main(["where-breakdown", str(out), "--profile", str(profile_path), "--batch-size", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("| split | all | < 1 token |") and len(lines) == 3 + len(profile.datasets)
 
 
 # --------------------------------------------------------------------------------------------------------------

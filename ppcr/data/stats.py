@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,23 @@ import numpy as np
 from ppcr.data.refer import Refer
 
 OCCLUDED_BELOW = 0.98  # a target with less than this share of its pixels visible counts as partly occluded
+# the groups of the target's box side in vision tokens (the book's mechanism page, the "where" answer's breakdown)
+SIZE_BINS = ((0.0, 1.0, "< 1 token"), (1.0, 2.0, "1-2 tokens"), (2.0, 3.0, "2-3 tokens"), (3.0, math.inf, "3+ tokens"))
+OCCLUSION_GROUPS = ("whole", "partly occluded")
+
+
+def size_group(tokens: float | None) -> str | None:
+    """The `SIZE_BINS` label of a box side in vision tokens (None: not known)."""
+    if tokens is None:
+        return None
+    return next(label for low, high, label in SIZE_BINS if low <= tokens < high)
+
+
+def occlusion_group(visible_fraction: float | None) -> str | None:
+    """"whole" or "partly occluded" (`OCCLUDED_BELOW`); None where the dataset does not record it."""
+    if visible_fraction is None:
+        return None
+    return OCCLUSION_GROUPS[1] if float(visible_fraction) < OCCLUDED_BELOW else OCCLUSION_GROUPS[0]
 
 
 def padded_box(box: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -3,6 +3,7 @@
     python -m ppcr.evaluation.probes box-errors RUN_DIR [--split synref/val]
     python -m ppcr.evaluation.probes state-probe RUN_DIR --model {foundation,start,trained} --variant ppcr --seed 0
     python -m ppcr.evaluation.probes answer-agreement RUN_DIR [--variants ppcr spatial_re ...]
+    python -m ppcr.evaluation.probes where-breakdown RUN_DIR [--foundation-seed 0]
     python -m ppcr.evaluation.probes soft-token-scale RUN_DIR --variant ppcr --seed 0 [--model start]
 
 Each subcommand prints its figures and, with `--json PATH`, writes them. `--profile` (default `demo`) names the
@@ -18,6 +19,9 @@ profile the run was made with (its datasets, evaluation subset and stages 0-1).
   How alike the states are across expressions comes with it (`state_spread`).
 - `run_answer_agreement` (answer-agreement): whether a variant's box is right (IoU >= 0.5) where the foundation
   LLaVA's own decoded "where" answer is right, and where it is wrong.
+- `run_where_breakdown` (where-breakdown): which expressions the foundation LLaVA's own decoded "where" answer gets
+  right, by the target's box side in vision tokens, whether the expression names the target's colour (SynRef) and
+  occlusion: what a better foundation must learn.
 - `soft_token_scale` (soft-token-scale): the length of the `[P_SEG]` soft token against the LLM's word embeddings
   and the projected image features.
 
@@ -42,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ppcr.data.dataset import ReferSegDataset
 from ppcr.data.refer import Refer
+from ppcr.data.stats import OCCLUSION_GROUPS, SIZE_BINS, occlusion_group, ref_geometry, size_group
 from ppcr.evaluation.prompt_probe import fit_box_probe
 from ppcr.metrics import box_centre_in, box_figures, box_iou
 from ppcr.model.heads import order_box
@@ -292,6 +297,75 @@ def run_answer_agreement(profile: Profile, run_dir: str | Path, variants: Sequen
 
 
 # --------------------------------------------------------------------------------------------------------------
+# where-breakdown: which expressions the foundation LLaVA's own "where" answer gets right
+# --------------------------------------------------------------------------------------------------------------
+
+
+COLOUR_GROUPS = ("names the colour", "no colour word")
+WHERE_GROUPS = {"size": [label for _, _, label in SIZE_BINS], "colour": list(COLOUR_GROUPS),
+                "occlusion": list(OCCLUSION_GROUPS)}
+
+
+def colour_group(expression: str, attributes: dict[str, Any]) -> str | None:
+    """Whether the expression contains the target's colour word (SynRef's attributes; None without them). In
+    synrefg the word may name the anchor object instead; the group says only that the word is there."""
+    colour = attributes.get("color")
+    if not colour:
+        return None
+    return COLOUR_GROUPS[0] if colour in expression.lower().replace(",", " ").split() else COLOUR_GROUPS[1]
+
+
+def where_groups(ds: ReferSegDataset, index: int, grid: int) -> dict[str, str | None]:
+    """The `WHERE_GROUPS` of expression `index` of `ds` on a `grid` x `grid` vision-token grid."""
+    ref_id, sent_idx = ds.items[index]
+    ref = ds.refer.ref(ref_id)
+    geometry = ref_geometry(ds.refer, ref, grid)
+    attributes = ds.refer.ann(ref["ann_id"]).get("synref", {})
+    return {"size": size_group(geometry["box_tokens"]),
+            "colour": colour_group(ref["sentences"][sent_idx]["sent"], attributes),
+            "occlusion": occlusion_group(geometry["visible_fraction"])}
+
+
+def group_shares(right: np.ndarray, groups: Sequence[dict[str, str | None]]) -> dict[str, Any]:
+    """(n,) bool and each expression's groups -> {"all": {"n", "right"}, by: {label: {"n", "right"}}} with "right"
+    the share (%) right; groups no expression falls in are left out."""
+    right = np.asarray(right, dtype=bool)
+    if len(right) != len(groups):
+        raise ValueError(f"{len(right)} answers for {len(groups)} expressions")
+
+    def cell(mask: np.ndarray) -> dict[str, Any]:
+        return {"n": int(mask.sum()), "right": 100.0 * float(right[mask].mean())}
+
+    out: dict[str, Any] = {"all": cell(np.ones(len(right), dtype=bool))} if len(right) else {}
+    for by, labels in WHERE_GROUPS.items():
+        found = np.array([g[by] for g in groups], dtype=object)
+        cells = {label: cell(found == label) for label in labels if (found == label).any()}
+        if cells:
+            out[by] = cells
+    return out
+
+
+def run_where_breakdown(profile: Profile, run_dir: str | Path, foundation_seed: int = 0, batch_size: int = 32,
+                        threshold: float = 0.5) -> dict[str, Any]:
+    """The run's foundation LLaVA (`base_weights` of `foundation_seed`) decodes its own "where" box for the first
+    `profile.eval_max_expressions` val expressions of each suite (every one with None: the expressions of the
+    results files and of `foundation_eval`'s `where_answer`); returns {"<dataset>/val": `group_shares`} with an
+    answer right at IoU >= `threshold`."""
+    run = Path(run_dir)
+    mllm = foundation_mllm(profile, base_weights(profile, run, foundation_seed, resume=True, progress=False),
+                           foundation_seed)
+    prep = image_prep_for(mllm.config)
+    grid = mllm.config.vision.patch_grid
+    out: dict[str, Any] = {}
+    for spec in profile.datasets:
+        ds = ReferSegDataset(Refer(data_root(profile, run), spec.name, spec.split_by), "val", prep)
+        n = min(profile.eval_max_expressions or len(ds), len(ds))
+        right = where_answer_ious(mllm, first(WithTargetAttributes(ds), n), batch_size) >= threshold
+        out[f"{spec.name}/val"] = group_shares(right, [where_groups(ds, i, grid) for i in range(n)])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
 # soft-token-scale: how long the [P_SEG] soft token is beside what else the LLM reads
 # --------------------------------------------------------------------------------------------------------------
 
@@ -360,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foundation-seed", type=int, default=0, help="the seed whose stages 0-1 are read")
     p.add_argument("--batch-size", type=int, default=32)
 
+    p = probe("where-breakdown", "which expressions the foundation LLaVA's own decoded 'where' box gets right")
+    p.add_argument("--foundation-seed", type=int, default=0, help="the seed whose stages 0-1 are read")
+    p.add_argument("--batch-size", type=int, default=32)
+
     p = probe("soft-token-scale", "the [P_SEG] soft token's length against the word embeddings and image features")
     _model_args(p, "trained")
     p.add_argument("--dataset", help="the suite whose val expressions are read (default the profile's first)")
@@ -395,6 +473,16 @@ def _print_agreement(result: dict[str, Any]) -> None:
                       f"{pct(a['right_where_llava_right'])} | {pct(a['right_where_llava_wrong'])} |")
 
 
+def _print_where_breakdown(result: dict[str, Any]) -> None:
+    print("The LLaVA's decoded box right (IoU >= 0.5), % (n)")
+    print("| split | all | " + " | ".join(label for labels in WHERE_GROUPS.values() for label in labels) + " |")
+    print("| --- " * (2 + sum(map(len, WHERE_GROUPS.values()))) + "|")
+    for key, shares in result.items():
+        cells = [shares.get(by, {}).get(label) for by, labels in WHERE_GROUPS.items() for label in labels]
+        print(f"| {key} | " + " | ".join("–" if c is None else f"{c['right']:.1f} ({c['n']})"
+                                         for c in [shares.get("all"), *cells]) + " |")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -415,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.probe == "answer-agreement":
         result = run_answer_agreement(profile, args.run_dir, args.variants, args.foundation_seed, args.batch_size)
         _print_agreement(result)
+    elif args.probe == "where-breakdown":
+        result = run_where_breakdown(profile, args.run_dir, args.foundation_seed, args.batch_size)
+        _print_where_breakdown(result)
     else:  # soft-token-scale
         model = probed_model(profile, args.run_dir, args.model, args.variant, args.seed)
         spec = next((s for s in profile.datasets if s.name == (args.dataset or profile.datasets[0].name)), None)

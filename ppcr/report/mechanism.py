@@ -14,17 +14,16 @@ import math
 import statistics
 from typing import Any
 
-from ppcr.data.stats import OCCLUDED_BELOW
+from ppcr.data.stats import OCCLUDED_BELOW, OCCLUSION_GROUPS, SIZE_BINS, occlusion_group, size_group
 from ppcr.model.config import preset_config
 from ppcr.report.study import Study
 from ppcr.report.tables import Column, Table, reproduced_caption
 
 BOX_RIGHT_FROM = 0.5  # box IoU from which ppcr's box counts as right
 # the groups of each breakdown, in the order they are shown
-SIZE_BINS = ((0.0, 1.0, "< 1 token"), (1.0, 2.0, "1-2 tokens"), (2.0, 3.0, "2-3 tokens"), (3.0, math.inf, "3+ tokens"))
 GROUPS = {
     "size": [label for _, _, label in SIZE_BINS],
-    "occlusion": ["whole", "partly occluded"],
+    "occlusion": list(OCCLUSION_GROUPS),
     "ppcr_box": ["ppcr's box right", "ppcr's box wrong"],
 }
 TITLES = {"size": "the target's box side in vision tokens", "occlusion": "occlusion of the target",
@@ -44,19 +43,6 @@ def target_tokens(row: dict[str, Any], grid: int) -> float | None:
     h, w = row["image_size"]
     x0, y0, x1, y1 = row["gt_box"]
     return math.sqrt(max(x1 - x0, 0.0) * max(y1 - y0, 0.0)) / max(h, w) * grid
-
-
-def size_group(tokens: float | None) -> str | None:
-    if tokens is None:
-        return None
-    return next(label for low, high, label in SIZE_BINS if low <= tokens < high)
-
-
-def occlusion_group(row: dict[str, Any]) -> str | None:
-    visible = row.get("visible_fraction")
-    if visible is None:
-        return None
-    return "partly occluded" if float(visible) < OCCLUDED_BELOW else "whole"
 
 
 def _ppcr_box_groups(study: Study, key: str, seed: int) -> dict[tuple[int, int], str]:
@@ -81,7 +67,7 @@ def mechanism_breakdown(study: Study, by: str, variants: list[str] | None = None
                     if by == "size":
                         group = size_group(target_tokens(r, grid))
                     elif by == "occlusion":
-                        group = occlusion_group(r)
+                        group = occlusion_group(r.get("visible_fraction"))
                     else:
                         group = ppcr_box.get((r["ref_id"], r["sent_id"]))
                     if group is not None:
