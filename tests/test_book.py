@@ -196,6 +196,31 @@ def test_foundation_llava_answer_is_shown_beside_the_readers(smoke_study_run: Pa
     assert "llava_box_acc" not in [c.key for c in report.status_table(without).columns]
 
 
+def test_where_answer_breakdown_partitions_the_answers_the_book_shows(study: report.Study) -> None:
+    """The foundation evaluation's breakdown of the LLaVA's decoded "where" answer: for every val split the "all"
+    row is the answer's acc@0.5, each cut splits the same expressions, the bars leave "all" out, and the table
+    renders. A study without the breakdown has no rows."""
+    answers = study.where_answers()[study.seeds[0]]
+    rows = report.where_answer_rows(study)
+    keys = [k for k in study.keys if k.endswith("/val")]
+    assert list(dict.fromkeys(r["split"] for r in rows)) == keys
+    for key in keys:
+        mine = [r for r in rows if r["split"] == key]
+        [everything] = [r for r in mine if r["group"] == "all"]
+        assert everything["n"] == answers[key]["n"]
+        assert everything["right"].mean == pytest.approx(answers[key]["box_acc50"])
+        for cut in {r["cut"] for r in mine} - {"all"}:
+            part = [r for r in mine if r["cut"] == cut]
+            assert sum(r["n"] for r in part) == everything["n"]
+            assert sum(r["n"] * r["right"].mean for r in part) / everything["n"] == pytest.approx(
+                everything["right"].mean)
+    bars = report.where_answer_bars(study)
+    assert len(bars) == len(rows) - len(keys) and all(b["group"] != "all" for b in bars)
+    assert "answer right (%)" in report.to_markdown(report.where_answer_table(study))
+    without = dataclasses.replace(study, index={k: v for k, v in study.index.items() if k != "foundation_eval"})
+    assert report.where_answer_rows(without) == [] and report.where_answer_bars(without) == []
+
+
 def test_front_page_says_when_sam_no_longer_follows_the_box(study: report.Study) -> None:
     """`box_use_note`: a GT-box oracle more than `BOX_USE_DROP` points below the foundation's SAM given the same
     boxes is stated on the front page (SAM learned to lean on the semantic prompt), with the paper's oracle gain;

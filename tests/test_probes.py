@@ -17,11 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ppcr.data.dataset import ReferSegDataset  # noqa: E402
 from ppcr.data.refer import Refer  # noqa: E402
 from ppcr.evaluation.evaluate import evaluate_model  # noqa: E402
-from ppcr.evaluation.foundation_eval import where_answer_figures  # noqa: E402
+from ppcr.evaluation.foundation_eval import WHERE_GROUPS, colour_group, group_shares, where_answer_figures  # noqa: E402
 from ppcr.evaluation.probes import (  # noqa: E402
-    STATES, WHERE_GROUPS, agreement, box_error_rows, box_errors_table, colour_group, first, foundation_mllm,
-    group_shares, main, probe_states, probed_model, run_answer_agreement, run_state_probe, run_where_breakdown,
-    soft_token_scale, stage_checkpoint, state_spread,
+    STATES, agreement, box_error_rows, box_errors_table, first, foundation_mllm, main, probe_states, probed_model,
+    run_answer_agreement, run_state_probe, run_where_breakdown, soft_token_scale, stage_checkpoint, state_spread,
 )
 from ppcr.training.mllm_pretrain import WithTargetAttributes  # noqa: E402
 from ppcr.model.modeling_ppcr import image_prep_for  # noqa: E402

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ppcr.data.dataset import ReferSegDataset
 from ppcr.data.refer import Refer
-from ppcr.data.stats import OCCLUSION_GROUPS, SIZE_BINS, occlusion_group, ref_geometry, size_group
+from ppcr.evaluation.foundation_eval import WHERE_GROUPS, group_shares, where_groups
 from ppcr.evaluation.prompt_probe import fit_box_probe
 from ppcr.metrics import box_centre_in, box_figures, box_iou
 from ppcr.model.heads import order_box
@@ -299,50 +299,6 @@ def run_answer_agreement(profile: Profile, run_dir: str | Path, variants: Sequen
 # --------------------------------------------------------------------------------------------------------------
 # where-breakdown: which expressions the foundation LLaVA's own "where" answer gets right
 # --------------------------------------------------------------------------------------------------------------
-
-
-COLOUR_GROUPS = ("names the colour", "no colour word")
-WHERE_GROUPS = {"size": [label for _, _, label in SIZE_BINS], "colour": list(COLOUR_GROUPS),
-                "occlusion": list(OCCLUSION_GROUPS)}
-
-
-def colour_group(expression: str, attributes: dict[str, Any]) -> str | None:
-    """Whether the expression contains the target's colour word (SynRef's attributes; None without them). In
-    synrefg the word may name the anchor object instead; the group says only that the word is there."""
-    colour = attributes.get("color")
-    if not colour:
-        return None
-    return COLOUR_GROUPS[0] if colour in expression.lower().replace(",", " ").split() else COLOUR_GROUPS[1]
-
-
-def where_groups(ds: ReferSegDataset, index: int, grid: int) -> dict[str, str | None]:
-    """The `WHERE_GROUPS` of expression `index` of `ds` on a `grid` x `grid` vision-token grid."""
-    ref_id, sent_idx = ds.items[index]
-    ref = ds.refer.ref(ref_id)
-    geometry = ref_geometry(ds.refer, ref, grid)
-    attributes = ds.refer.ann(ref["ann_id"]).get("synref", {})
-    return {"size": size_group(geometry["box_tokens"]),
-            "colour": colour_group(ref["sentences"][sent_idx]["sent"], attributes),
-            "occlusion": occlusion_group(geometry["visible_fraction"])}
-
-
-def group_shares(right: np.ndarray, groups: Sequence[dict[str, str | None]]) -> dict[str, Any]:
-    """(n,) bool and each expression's groups -> {"all": {"n", "right"}, by: {label: {"n", "right"}}} with "right"
-    the share (%) right; groups no expression falls in are left out."""
-    right = np.asarray(right, dtype=bool)
-    if len(right) != len(groups):
-        raise ValueError(f"{len(right)} answers for {len(groups)} expressions")
-
-    def cell(mask: np.ndarray) -> dict[str, Any]:
-        return {"n": int(mask.sum()), "right": 100.0 * float(right[mask].mean())}
-
-    out: dict[str, Any] = {"all": cell(np.ones(len(right), dtype=bool))} if len(right) else {}
-    for by, labels in WHERE_GROUPS.items():
-        found = np.array([g[by] for g in groups], dtype=object)
-        cells = {label: cell(found == label) for label in labels if (found == label).any()}
-        if cells:
-            out[by] = cells
-    return out
 
 
 def run_where_breakdown(profile: Profile, run_dir: str | Path, foundation_seed: int = 0, batch_size: int = 32,

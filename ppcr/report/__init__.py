@@ -48,7 +48,8 @@ from ppcr.report.stats import (BOOTSTRAP_PAIRS, BOX_VARIANTS, CLAIMS, GROUNDED_B
 from ppcr.report.breakdowns import (AMBIGUITY_FROM, OCCLUSION_BELOW, breakdown, breakdown_table, failure_cases,
                                     failure_reason, failure_table)
 from ppcr.report.mechanism import (completeness_rows, completeness_table, mechanism_breakdown, mechanism_table,
-                                   target_tokens)
+                                   target_tokens, where_answer_bars, where_answer_rows,
+                                   where_answer_table)
 from ppcr.report.benchmark import benchmark_rows, benchmark_table, box_token_values, published_table
 from ppcr.report.examples import entity_example, failure_figure_rows, qualitative_examples
 from ppcr.report.provenance_line import provenance
@@ -74,7 +75,8 @@ __all__ = [
     "AMBIGUITY_FROM", "failure_reason", "failure_cases", "failure_table", "failure_figure_rows", "qualitative_examples",
     "entity_example", "provenance", "metric_rows", "summary_line", "SHOWN_VARIANTS", "make_explorer", "explorer_start",
     "static_examples", "static_view", "mechanism_breakdown", "mechanism_table", "completeness_rows",
-    "completeness_table", "target_tokens", "benchmark_rows", "benchmark_table", "published_table",
+    "completeness_table", "target_tokens", "where_answer_bars", "where_answer_rows",
+    "where_answer_table", "benchmark_rows", "benchmark_table", "published_table",
     "box_token_values",
     "status_table", "status_markdown", "not_reproduced", "study_date", "box_use_note", "foundation_sam_box_miou",
     "BOX_USE_DROP",

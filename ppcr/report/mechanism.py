@@ -6,6 +6,8 @@ the masks are more complete (the paper's §4.5: GLaMM's masks are partial).
     mechanism_breakdown(study, "occlusion")   # ... by whether the target is partly hidden (SynRef records it)
     mechanism_breakdown(study, "ppcr_box")    # ... on the expressions where ppcr's box is right / wrong
     completeness_rows(study)                  # mIoU beside the share of the target's pixels the mask covers
+    where_answer_rows(study)                  # the foundation LLaVA's own "where" answer right, by the same cuts
+    where_answer_bars(study)                  # ... as bars for `viz.breakdown_plot`
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import statistics
 from typing import Any
 
 from ppcr.data.stats import OCCLUDED_BELOW, OCCLUSION_GROUPS, SIZE_BINS, occlusion_group, size_group
+from ppcr.evaluation.foundation_eval import WHERE_GROUPS, WHERE_RIGHT_FROM
 from ppcr.model.config import preset_config
 from ppcr.report.study import Study
-from ppcr.report.tables import Column, Table, reproduced_caption
+from ppcr.report.tables import Column, Table, mean_std, reproduced_caption
 
 BOX_RIGHT_FROM = 0.5  # box IoU from which ppcr's box counts as right
 # the groups of each breakdown, in the order they are shown
@@ -128,5 +131,47 @@ def completeness_table(study: Study) -> Table:
         caption=("\u201ctarget covered\u201d: the mean share of the target's pixels inside the predicted mask (a "
                  "partial mask scores low); \u201cmask on target\u201d: the mean share of the predicted mask that "
                  "lies on the target (a mask spilling over other objects scores low). Pooled over seeds. "
+                 + reproduced_caption(study)),
+    )
+
+
+WHERE_CUTS = {"size": "target's box side", "colour": "expression", "occlusion": "target"}
+
+
+def where_answer_rows(study: Study) -> list[dict[str, Any]]:
+    """Per val split and group of `WHERE_GROUPS` (after "all"): the share (%) of the expressions for which the
+    foundation LLaVA decodes a right "where" box itself (IoU >= 0.5), mean (std) over the seeds' evaluations; rows:
+    split, cut, group, n, right. Empty for a study whose foundation evaluation has no breakdown."""
+    found = study.where_breakdowns()
+    rows = []
+    for key in dict.fromkeys(k for b in found.values() for k in b):
+        shares = [b[key] for b in found.values() if key in b]
+        cuts = [("all", "all", [s["all"] for s in shares if "all" in s])]
+        cuts += [(by, label, [s[by][label] for s in shares if label in s.get(by, {})])
+                 for by, labels in WHERE_GROUPS.items() for label in labels]
+        rows += [{"split": key, "cut": WHERE_CUTS.get(by, by), "group": label, "n": cells[0]["n"],
+                  "right": mean_std([c["right"] for c in cells])} for by, label, cells in cuts if cells]
+    return rows
+
+
+def where_answer_bars(study: Study) -> list[dict[str, Any]]:
+    """`where_answer_rows` for `viz.breakdown_plot(..., value="right")`: one bar per group (not "all") and split."""
+    return [{"group": r["group"], "variant": r["split"], "right": r["right"].mean, "n": r["n"]}
+            for r in where_answer_rows(study) if r["group"] != "all"]
+
+
+def where_answer_table(study: Study) -> Table:
+    return Table(
+        title="The foundation LLaVA's own \u201cwhere\u201d answer: which expressions it gets right",
+        columns=[Column("split", "dataset/split"), Column("cut", "cut by"), Column("group", "group"),
+                 Column("n", "expressions"), Column("right", "answer right (%)")],
+        rows=where_answer_rows(study),
+        caption=(f"The LLaVA the run starts from (stage 1, before stages 2-3) answers the \u201cwhere\u201d question "
+                 "about each val expression of the results files, its four box bins decoded greedily; right: IoU "
+                 f">= {WHERE_RIGHT_FROM} with the target's box. Every box reader trained on top of it (ppcr's "
+                 "branch B among them) is bounded by this answer. Cuts: the target's box side in vision tokens (as "
+                 "above); whether the expression contains the target's colour word (SynRef's attributes; in a "
+                 "relational expression the word may name the other object); occlusion (as above). Mean (std) over "
+                 "the seeds' evaluations (the same for every seed where the run starts from the shipped foundation). "
                  + reproduced_caption(study)),
     )

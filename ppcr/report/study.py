@@ -112,6 +112,12 @@ class Study:
         """seed -> {"<dataset>/val": box figures} of the foundation LLaVA's decoded "where" answers (empty without)."""
         return {seed: info["where_answer"] for seed, info in self.foundation_eval().items() if "where_answer" in info}
 
+    def where_breakdowns(self) -> dict[int, dict[str, dict[str, Any]]]:
+        """seed -> {"<dataset>/val": `ppcr.evaluation.foundation_eval.group_shares`}: which expressions the foundation
+        LLaVA's decoded "where" answer gets right (empty for evaluations made before the breakdown existed)."""
+        return {seed: info["where_breakdown"] for seed, info in self.foundation_eval().items()
+                if "where_breakdown" in info}
+
     def checkpoint(self, variant: str, seed: int | None = None) -> str | None:
         by_seed = self.results.get(variant, {})
         seed = min(by_seed) if seed is None and by_seed else seed
