@@ -213,10 +213,15 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 
+def box_ious(pred: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    """(n, 4) predicted and ground-truth xyxy boxes (one frame) -> (n,) IoU of each pair."""
+    return np.array([box_iou(p, g) for p, g in zip(pred.detach(), gt)], dtype=np.float64)
+
+
 def box_figures(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     """(n, 4) predicted and ground-truth xyxy boxes (one frame) -> mean box IoU, accuracy@0.5 and the share of
     predicted centres inside the GT box, all in %."""
-    ious = np.array([box_iou(p, g) for p, g in zip(pred.detach(), gt)])
+    ious = box_ious(pred, gt)
     centre = np.array([box_centre_in(p, g) for p, g in zip(pred.detach(), gt)])
     return {"box_iou": 100.0 * float(ious.mean()), "box_acc50": 100.0 * float((ious >= 0.5).mean()),
             "box_centre_in_gt": 100.0 * float(centre.mean()), "n": int(len(ious))}

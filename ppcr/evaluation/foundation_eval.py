@@ -16,8 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from ppcr.data.dataset import ReferSegDataset
 from ppcr.data.stats import OCCLUSION_GROUPS, SIZE_BINS, occlusion_group, ref_geometry, size_group
-from ppcr.evaluation.prompt_probe import box_figures
-from ppcr.metrics import box_iou
+from ppcr.metrics import box_figures, box_ious
 from ppcr.model.tokenizer import load_tokenizer
 from ppcr.recipe.profile import Profile
 from ppcr.training.data import data_root, data_version, split_datasets
@@ -40,6 +39,11 @@ def where_answer_boxes(mllm: MllmPretrainer, data: Dataset, batch_size: int = 16
         pred.append(mllm.where_answer_boxes(batch))
         gt.append(normalised_boxes(batch, [True] * len(batch["box"])))
     return torch.cat(pred), torch.cat(gt)
+
+
+def where_answer_ious(mllm: MllmPretrainer, data: Dataset, batch_size: int = 16) -> np.ndarray:
+    """(n,) IoU of the box the LLaVA decodes itself for each "where" question with the ground-truth box."""
+    return box_ious(*where_answer_boxes(mllm, data, batch_size))
 
 
 def where_answer_figures(mllm: MllmPretrainer, data: Dataset, batch_size: int = 16) -> dict[str, float]:
@@ -120,27 +124,27 @@ def evaluate_foundation(profile: Profile, out: Path, seed: int, weights: dict[st
     model.eval()
     prep = model.image_prep()
     per = profile.eval_max_expressions or 10**9
+    val_sets = split_datasets(profile, root, prep, "val")
     figures: dict[str, Any] = {}
-    for spec, ds in zip(profile.datasets, split_datasets(profile, root, prep, "val")):
+    for spec, ds in zip(profile.datasets, val_sets):
         sam = sam_prompt_metrics(model.segmenter, val_subset([ds], per), profile.eval_batch_size)
         figures.update({f"{spec.name}/{k}": v for k, v in sam.items()})
     del model
     mllm = MllmPretrainer(config.replace(llava_path=weights["llava_path"]), load_tokenizer(weights["tokenizer_path"]))
-    val = val_subset([WithTargetAttributes(d) for d in split_datasets(profile, root, prep, "val")],
-                     profile.diag_expressions or 48)
+    val = val_subset([WithTargetAttributes(d) for d in val_sets], profile.diag_expressions or 48)
     answers = mllm.eval().val_metrics(val, profile.eval_batch_size)
     figures.update({f"mllm/{k}": v for k, v in answers.items() if "probe" not in k})  # probe not shipped
     # the LLaVA's own decoded "where" box on the expressions of the results files (the first of each val split):
     # the box a reader of this LLaVA gets before stages 2-3 (`report.prompt_probe_table`), and which of them it
-    # gets right (`report.where_breakdown_table`)
+    # gets right (`report.where_answer_table`)
     where, breakdown = {}, {}
     grid = config.vision.patch_grid
-    for spec, ds in zip(profile.datasets, split_datasets(profile, root, prep, "val")):
+    for spec, ds in zip(profile.datasets, val_sets):
         n = min(per, len(ds))
         pred, gt = where_answer_boxes(mllm, Subset(WithTargetAttributes(ds), range(n)), profile.eval_batch_size)
         key = f"{spec.name}/val"
         where[key] = box_figures(pred, gt)
-        right = np.array([box_iou(p.tolist(), g.tolist()) for p, g in zip(pred, gt)]) >= WHERE_RIGHT_FROM
+        right = box_ious(pred, gt) >= WHERE_RIGHT_FROM
         breakdown[key] = group_shares(right, [where_groups(ds, i, grid) for i in range(n)])
     info = {"final_eval": figures, "where_answer": where, "where_breakdown": breakdown, "weights": local,
             "foundation": profile.foundation}

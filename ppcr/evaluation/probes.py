@@ -46,9 +46,9 @@ from tqdm.auto import tqdm
 
 from ppcr.data.dataset import ReferSegDataset
 from ppcr.data.refer import Refer
-from ppcr.evaluation.foundation_eval import WHERE_GROUPS, group_shares, where_groups
+from ppcr.evaluation.foundation_eval import WHERE_GROUPS, group_shares, where_answer_ious, where_groups
 from ppcr.evaluation.prompt_probe import fit_box_probe
-from ppcr.metrics import box_centre_in, box_figures, box_iou
+from ppcr.metrics import box_centre_in, box_figures
 from ppcr.model.heads import order_box
 from ppcr.model.modeling_ppcr import PPCRModel, image_prep_for
 from ppcr.model.tokenizer import load_tokenizer
@@ -231,17 +231,6 @@ def foundation_mllm(profile: Profile, weights: dict[str, str | None], seed: int 
     """The run's stage-1 LLaVA (`base_weights`) as stage 1 reads it, in eval mode."""
     config = profile.model_config("glamm", seed).replace(llava_path=weights["llava_path"])
     return MllmPretrainer(config, load_tokenizer(weights["tokenizer_path"])).eval()
-
-
-@torch.no_grad()
-def where_answer_ious(mllm: MllmPretrainer, data: Dataset, batch_size: int = 32) -> np.ndarray:
-    """(n,) IoU of the box the LLaVA decodes itself for each expression's "where" question (`data`: items of a
-    `WithTargetAttributes`) with the ground-truth box, both normalised."""
-    ious: list[float] = []
-    for batch in batches(data, batch_size):
-        pred = mllm.where_answer_boxes(batch)  # (B, 4)
-        ious += [box_iou(p.tolist(), g.tolist()) for p, g in zip(pred, normalised_gt_boxes(batch))]
-    return np.asarray(ious, dtype=np.float64)
 
 
 def agreement(llava_right: np.ndarray, variant_right: np.ndarray) -> dict[str, float | int | None]:
