@@ -87,12 +87,13 @@ def _evaluated_text(rows: list[dict[str, Any]]) -> str:
 
 
 def headline_caption(study: Study, rows: list[dict[str, Any]]) -> str:
-    """What the reproduced cells are: profile, preset, seeds, evaluated expressions, commit, and their scale."""
+    """What the reproduced cells are: profile, preset, seeds, evaluated expressions, study date, and their scale (the
+    commit that made them is lab-note history: `notes/history.md` records it beside the README's timings)."""
     seeds = study.seeds
     spread = f"mean \u00b1 std over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0] if seeds else '?'})"
     text = (f"mIoU in %. Paper: the paper's Table 1 (LLaVA-7B, RefCOCO / RefCOCO+ / RefCOCOg val), as printed. "
             f"Reproduced: profile `{study.profile}`, preset `{study.preset}`, {spread}, {_evaluated_text(rows)}, "
-            f"commit `{study.commit}`, study of {study_date(study)}; `gt_box_oracle` is the ppcr checkpoint given "
+            f"study of {study_date(study)}; `gt_box_oracle` is the ppcr checkpoint given "
             "the ground-truth box (the paper's Table 3 oracle). ")
     if study.is_synthetic:
         version = f", generator {study.synref_version}" if study.synref_version else ""
